@@ -1,0 +1,30 @@
+"""Publishing run events to the BILLY_EVENTS stream, with the trace context in headers."""
+
+from __future__ import annotations
+
+import logging
+
+from nats.js import JetStreamContext
+
+from shared import subjects, tracing
+from shared.wire import RunEvent, encode
+
+logger = logging.getLogger(__name__)
+
+
+class EventPublisher:
+    """Publishes each run event once, to billy.events.<tenant>.<run_id>."""
+
+    def __init__(self, js: JetStreamContext, source: str) -> None:
+        self._js = js
+        self._source = source
+
+    async def emit(self, event: RunEvent) -> None:
+        event.source = event.source or self._source
+        headers = tracing.inject({subjects.RUN_ID_HEADER: event.run_id})
+        await self._js.publish(
+            subjects.events_subject(event.tenant, event.run_id),
+            encode(event),
+            headers=headers,
+        )
+        logger.debug("event_published type=%s run_id=%s", event.type, event.run_id)
