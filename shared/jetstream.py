@@ -64,9 +64,7 @@ async def connect(settings: Settings, name: str) -> NATS:
             servers=settings.nats_servers(),
             name=name,
             user=settings.nats_user,
-            password=settings.nats_password.get_secret_value()
-            if settings.nats_password
-            else None,
+            password=settings.nats_password.get_secret_value() if settings.nats_password else None,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             connect_timeout=5,
@@ -75,9 +73,7 @@ async def connect(settings: Settings, name: str) -> NATS:
             reconnected_cb=on_reconnected,
         )
     except Exception as exc:
-        raise BillyToolsError(
-            f"cannot connect to NATS at {settings.nats_url}: {exc}"
-        ) from exc
+        raise BillyToolsError(f"cannot connect to NATS at {settings.nats_url}: {exc}") from exc
 
 
 def work_stream_config(settings: Settings) -> StreamConfig:
@@ -150,9 +146,7 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         ) from exc
 
 
-async def ensure_consumer(
-    js: JetStreamContext, stream: str, config: ConsumerConfig
-) -> None:
+async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
     """Create the durable consumer, or update its ack wait when it drifted."""
     try:
         info = await js.consumer_info(stream, config.durable_name)
@@ -160,10 +154,7 @@ async def ensure_consumer(
         await js.add_consumer(stream, config)
         logger.info("consumer_created stream=%s consumer=%s", stream, config.durable_name)
         return
-    if (
-        info.config.ack_wait != config.ack_wait
-        or info.config.max_deliver != config.max_deliver
-    ):
+    if info.config.ack_wait != config.ack_wait or info.config.max_deliver != config.max_deliver:
         logger.warning(
             "consumer_drift consumer=%s ack_wait=%s->%s; updating",
             config.durable_name,
@@ -199,9 +190,7 @@ async def declare(nc: NATS, settings: Settings) -> tuple[JetStreamContext, Bucke
     )
     staging = await js.create_object_store(
         subjects.STAGING_BUCKET,
-        ObjectStoreConfig(
-            description="Artifacts in transit to the artifacts service", ttl=3600
-        ),
+        ObjectStoreConfig(description="Artifacts in transit to the artifacts service", ttl=3600),
     )
     artifacts = await js.create_object_store(
         subjects.ARTIFACTS_BUCKET,

@@ -17,9 +17,7 @@ class RunLogger(logging.LoggerAdapter):
     """Appends the bound context (run_id, tool, tenant, trace_id, ...) to each message."""
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
-        context = " ".join(
-            f"{k}={v}" for k, v in (self.extra or {}).items() if v is not None
-        )
+        context = " ".join(f"{k}={v}" for k, v in (self.extra or {}).items() if v is not None)
         return (f"{msg} {context}" if context else msg), kwargs
 
     def bind(self, **context: Any) -> RunLogger:

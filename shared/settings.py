@@ -40,9 +40,7 @@ class Settings(BaseSettings):
     )
 
     tools_dir: Path = Field(REPO_ROOT / "tool-images", description="Where ToolSpecs live.")
-    state_dir: Path = Field(
-        REPO_ROOT / ".billy", description="State of the embedded stack."
-    )
+    state_dir: Path = Field(REPO_ROOT / ".billy", description="State of the embedded stack.")
 
     executor_name: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
@@ -64,9 +62,7 @@ class Settings(BaseSettings):
         description="Pause between checks while the Docker daemon is unavailable.",
     )
 
-    events_max_age_s: float = Field(
-        7 * 86400, gt=0, description="How long events are kept."
-    )
+    events_max_age_s: float = Field(7 * 86400, gt=0, description="How long events are kept.")
     runs_max_age_s: float = Field(
         30 * 86400, gt=0, description="How long run records and artifacts are kept."
     )

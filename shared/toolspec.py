@@ -160,9 +160,7 @@ class ToolSpec(_Strict):
                 jsonschema.Draft202012Validator.check_schema(schema)
             except jsonschema.SchemaError as exc:
                 where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-                raise ValueError(
-                    f"not a valid JSON Schema at {where}: {exc.message}"
-                ) from exc
+                raise ValueError(f"not a valid JSON Schema at {where}: {exc.message}") from exc
         return value
 
     @field_validator("user")
@@ -234,9 +232,7 @@ def read_image_lock(tools_dir: Path) -> dict[str, Any]:
 class ToolCatalog:
     """The ToolSpecs found under a tools directory, by name."""
 
-    def __init__(
-        self, specs: dict[str, ToolSpec], spec_dirs: dict[str, Path] | None = None
-    ):
+    def __init__(self, specs: dict[str, ToolSpec], spec_dirs: dict[str, Path] | None = None):
         self._specs = dict(specs)
         self.spec_dirs = dict(spec_dirs or {})
 
@@ -255,9 +251,7 @@ class ToolCatalog:
                         f"name: {spec.name!r} differs from its folder {spec_path.parent.name!r}",
                     )
                 if spec.name in specs:
-                    raise ToolSpecError(
-                        str(spec_path), f"name: {spec.name!r} defined twice"
-                    )
+                    raise ToolSpecError(str(spec_path), f"name: {spec.name!r} defined twice")
                 specs[spec.name] = spec
                 dirs[spec.name] = spec_path.parent
         return cls(specs, dirs)
