@@ -276,6 +276,8 @@ class ToolSummary(Struct):
 
 
 class ToolList(Struct):
+    """Admission's answer on billy.tools.list."""
+
     tools: list[ToolSummary]
 
 
