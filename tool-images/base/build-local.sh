@@ -13,7 +13,7 @@ if docker image inspect "$image" >/dev/null 2>&1; then
   exit 0
 fi
 root=$(mktemp -d)
-trap 'rm -rf "$root"' EXIT
+trap 'rm -rf "$root" "$root.log"' EXIT
 echo "building $image with debootstrap from $mirror (about a minute)"
 debootstrap --variant=minbase --include=python3,ca-certificates bookworm "$root" "$mirror" \
   >"$root.log" 2>&1 || { tail -n 20 "$root.log"; exit 1; }
@@ -24,5 +24,4 @@ tar -C "$root" -c . | docker import \
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --change 'ENV LANG=C.UTF-8' \
   --change 'CMD ["python3"]' - "$image" >/dev/null
-rm -f "$root.log"
 echo "built $image"

@@ -7,6 +7,11 @@ if docker image inspect "$image" >/dev/null 2>&1; then
   echo "busybox image $image present"
   exit 0
 fi
+# FROM scratch has no libc: only a statically linked busybox runs there.
+if LC_ALL=C ldd /bin/busybox >/dev/null 2>&1; then
+  echo "/bin/busybox is dynamically linked; install Debian's busybox-static" >&2
+  exit 1
+fi
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 mkdir -p "$ctx/rootfs/bin" "$ctx/rootfs/tmp" "$ctx/rootfs/etc"
