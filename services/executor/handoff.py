@@ -1,0 +1,134 @@
+"""ArtifactHandoff: the ArtifactSink that passes a run's output files to the artifacts
+service (bytes through the billy_staging object store, the decision by request/reply)."""
+
+from __future__ import annotations
+
+import logging
+from typing import IO
+
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.object_store import ObjectStore
+
+from services.executor.errors import ExecutorError
+from services.executor.model import OutputEntry
+from shared import subjects, tracing
+from shared.wire import (
+    ArtifactIngest,
+    ArtifactLimits,
+    ArtifactRef,
+    ArtifactRejection,
+    ArtifactVerdict,
+    EffectiveLimits,
+    decode,
+    encode,
+)
+
+logger = logging.getLogger(__name__)
+
+# Storing means reading the staged copy back and writing it again: allow for large files.
+INGEST_TIMEOUT_BASE_S = 15.0
+INGEST_TIMEOUT_PER_MIB_S = 1.0
+
+
+class ArtifactHandoff:
+    """Offers each output entry to the artifacts service and keeps what it decided."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        staging: ObjectStore,
+        *,
+        run_id: str,
+        tenant: str,
+        tool: str,
+        limits: EffectiveLimits,
+    ) -> None:
+        self._nc = nc
+        self._staging = staging
+        self._run = {"run_id": run_id, "tenant": tenant, "tool": tool}
+        self._limits = ArtifactLimits(
+            artifact_bytes=limits.artifact_bytes,
+            artifacts_total_bytes=limits.artifacts_total_bytes,
+            artifact_count=limits.artifact_count,
+        )
+        self._index = 0
+        self.stored: list[ArtifactRef] = []
+        self.rejected: list[ArtifactRejection] = []
+        self.unavailable: str | None = None  # why the artifacts service could not be used
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(ref.size_bytes for ref in self.stored)
+
+    async def offer(self, entry: OutputEntry, content: IO[bytes] | None) -> None:
+        index, self._index = self._index, self._index + 1
+        staged = None
+        if content is not None and self._within_limits(entry):
+            staged = f"{self._run['run_id']}/{index}"
+            try:
+                await self._staging.put(staged, content)
+            except Exception as exc:
+                self.unavailable = f"staging {entry.path!r} failed: {exc}"
+                self.rejected.append(
+                    ArtifactRejection(entry.path, "artifacts_unavailable", self.unavailable)
+                )
+                return
+        ingest = ArtifactIngest(
+            **self._run,
+            path=entry.path,
+            kind=entry.kind,
+            size_bytes=entry.size_bytes,
+            index=index,
+            limits=self._limits,
+            stored_count=len(self.stored),
+            stored_bytes=self.stored_bytes,
+            staged=staged,
+            link_target=entry.link_target,
+        )
+        try:
+            verdict = await self._request(ingest)
+        except ExecutorError as exc:
+            # Recorded, not raised: the run still ends with a result (infra_error).
+            self.unavailable = str(exc)
+            self.rejected.append(ArtifactRejection(entry.path, "artifacts_unavailable", str(exc)))
+            await self._discard(staged)
+            return
+        if verdict.stored and verdict.ref is not None:
+            self.stored.append(verdict.ref)
+        elif verdict.rejection is not None:
+            self.rejected.append(verdict.rejection)
+
+    async def _discard(self, staged: str | None) -> None:
+        if staged is None:
+            return
+        try:
+            await self._staging.delete(staged)
+        except Exception as exc:  # best effort: staged objects expire after an hour anyway
+            logger.warning("staged_discard_failed object=%s error=%s", staged, exc)
+
+    def _within_limits(self, entry: OutputEntry) -> bool:
+        # Only an early filter so that refused bytes are not moved; the artifacts
+        # service makes (and reports) the decision.
+        return (
+            entry.kind == "file"
+            and entry.size_bytes <= self._limits.artifact_bytes
+            and len(self.stored) < self._limits.artifact_count
+            and self.stored_bytes + entry.size_bytes <= self._limits.artifacts_total_bytes
+        )
+
+    async def _request(self, ingest: ArtifactIngest) -> ArtifactVerdict:
+        timeout_s = INGEST_TIMEOUT_BASE_S + INGEST_TIMEOUT_PER_MIB_S * ingest.size_bytes / 2**20
+        try:
+            reply = await self._nc.request(
+                subjects.ARTIFACT_INGEST_SUBJECT,
+                encode(ingest),
+                timeout=timeout_s,
+                headers=tracing.inject(),
+            )
+        except (NoRespondersError, NatsTimeoutError) as exc:
+            raise ExecutorError(
+                f"artifacts service did not answer for {ingest.path!r} within {timeout_s:.0f} s"
+            ) from exc
+        return decode(reply.data, ArtifactVerdict)

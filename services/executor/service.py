@@ -1,0 +1,385 @@
+"""The executor service: pulls WorkItems from the JetStream work queue and runs each one
+through a ToolRunner (DockerRunner), at most `executor_concurrency` at a time.
+
+Per run: ledger queued -> running, events from the runner, artifacts handed to the
+artifacts service, one terminal RunResult recorded (compare-and-set), `finished` event,
+then the ack. A redelivered run that already has a terminal status is only acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import aiodocker
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from opentelemetry import trace
+from pydantic import ValidationError
+
+from services.executor import metrics
+from services.executor.handoff import ArtifactHandoff
+from services.executor.model import RunContext, RunOutcome, ToolRunner
+from services.executor.reporter import EventReporter
+from services.executor.result import Verdict, build_result, judge
+from services.executor.runner import DockerRunner
+from shared import jetstream, subjects, tracing
+from shared.errors import LedgerError, WireError
+from shared.events import EventPublisher
+from shared.ledger import RunLedger
+from shared.logs import RunLogger, bind
+from shared.service import answer_pings
+from shared.settings import Settings
+from shared.toolspec import ToolSpec
+from shared.wire import TERMINAL_STATUSES, RunEvent, RunResult, WorkItem, decode, to_builtins
+
+logger = logging.getLogger(__name__)
+_tracer = tracing.tracer(__name__)
+
+FETCH_TIMEOUT_S = 1.0
+DRAIN_TIMEOUT_S = 60.0
+
+
+class ExecutorService:
+    """One executor replica; replicas share the durable consumer billy-executors."""
+
+    name = "executor"
+
+    def __init__(self, settings: Settings, runner: ToolRunner | None = None) -> None:
+        self._settings = settings
+        self._runner = runner
+        self._docker: aiodocker.Docker | None = None
+        self._nc: NATS | None = None
+        self._slots = asyncio.Semaphore(settings.executor_concurrency)
+        self._runs: set[asyncio.Task] = set()
+        self._loop_task: asyncio.Task | None = None
+        self._docker_up: bool | None = None
+
+    @property
+    def executor(self) -> str:
+        return self._settings.executor_name
+
+    async def start(self) -> None:
+        if self._runner is None:
+            self._docker = aiodocker.Docker(url=self._settings.docker_host)
+            self._runner = DockerRunner(self._docker, self._settings.registry)
+        self._nc = await jetstream.connect(self._settings, f"billy-executor-{self.executor}")
+        js, buckets = await jetstream.declare(self._nc, self._settings)
+        self._ledger = RunLedger(buckets.runs)
+        self._staging = buckets.staging
+        self._events = EventPublisher(js, self.executor)
+        self._sub = await js.pull_subscribe_bind(
+            subjects.EXECUTOR_CONSUMER, stream=subjects.WORK_STREAM
+        )
+        await answer_pings(self._nc, self.name, self.executor)
+        await self._remove_leftovers()
+        metrics.CAPACITY.set(self._settings.executor_concurrency)
+        self._loop_task = asyncio.create_task(self._fetch_loop(), name="executor-fetch")
+
+    async def stop(self) -> None:
+        """Stop fetching, let runs in progress finish (up to a limit), then close."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._runs:
+            logger.info("executor_draining runs=%d executor=%s", len(self._runs), self.executor)
+            _, pending = await asyncio.wait(self._runs, timeout=DRAIN_TIMEOUT_S)
+            # Cancelled runs are not acked: JetStream redelivers them to another replica.
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=30)
+        if self._nc is not None:
+            await self._nc.drain()
+        if self._docker is not None:
+            await self._docker.close()
+
+    async def _remove_leftovers(self) -> None:
+        remove = getattr(self._runner, "remove_leftovers", None)
+        if remove is None or not await self._docker_ready():
+            return
+        removed = await remove(self.executor)
+        if removed:
+            logger.warning("leftovers_removed count=%d executor=%s", removed, self.executor)
+
+    # Fetching
+
+    async def _fetch_loop(self) -> None:
+        while True:
+            try:
+                await self._fetch_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS restarts and the like: keep serving
+                logger.warning("fetch_failed error=%r executor=%s", exc, self.executor)
+                await asyncio.sleep(self._settings.docker_retry_interval_s)
+
+    async def _fetch_once(self) -> None:
+        if not await self._docker_ready():
+            # Runs wait in the queue rather than fail while Docker is away.
+            await asyncio.sleep(self._settings.docker_retry_interval_s)
+            return
+        await self._slots.acquire()
+        try:
+            # Runs in progress hold the other slots; ask for as many runs as are free.
+            batch = self._settings.executor_concurrency - len(self._runs)
+            msgs = await self._sub.fetch(max(1, batch), timeout=FETCH_TIMEOUT_S)
+        except NatsTimeoutError:
+            self._slots.release()
+            return
+        except BaseException:
+            self._slots.release()
+            raise
+        # One slot is held already; take one more for each further message.
+        for index, msg in enumerate(msgs):
+            if index:
+                await self._slots.acquire()
+            self._spawn(msg)
+
+    def _spawn(self, msg: Msg) -> None:
+        task = asyncio.create_task(self._handle(msg))
+        self._runs.add(task)
+        metrics.RUNNING_CONTAINERS.set(len(self._runs))
+
+        def done(finished: asyncio.Task) -> None:
+            self._runs.discard(finished)
+            self._slots.release()
+            metrics.RUNNING_CONTAINERS.set(len(self._runs))
+
+        task.add_done_callback(done)
+
+    async def _docker_ready(self) -> bool:
+        ping = getattr(self._runner, "ping", None)
+        up = True if ping is None else await ping()
+        if up != self._docker_up:
+            log = logger.info if up else logger.warning
+            log("docker_%s executor=%s", "up" if up else "unavailable", self.executor)
+            self._docker_up = up
+            metrics.DOCKER_UP.set(1 if up else 0)
+        return up
+
+    # One run
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            item = decode(msg.data, WorkItem)
+        except WireError as exc:
+            await self._refuse_malformed(msg, exc)
+            return
+        log = bind(
+            logger,
+            run_id=item.run_id,
+            tool=item.tool,
+            tenant=item.tenant,
+            trace_id=tracing.trace_id_of(msg.headers),
+        )
+        parent = tracing.extract(msg.headers)
+        _record_queue_span(item, parent)
+        with _tracer.start_as_current_span(
+            "billy.run",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": msg.subject,
+                "messaging.operation": "process",
+                "billy.run_id": item.run_id,
+                "billy.tool": item.tool,
+                "billy.tenant": item.tenant,
+            },
+        ):
+            try:
+                await self._execute(msg, item, log)
+            except asyncio.CancelledError:
+                log.warning("run_interrupted; left for redelivery")
+                raise
+            except Exception as exc:
+                log.exception("run_executor_error")
+                verdict = Verdict("infra_error", "executor_error", f"executor failed: {exc!r}")
+                await self._finish_without_outcome(msg, item, verdict, log)
+
+    async def _execute(self, msg: Msg, item: WorkItem, log: RunLogger) -> None:
+        started = time.time()
+        attempt = msg.metadata.num_delivered or 1
+        if attempt > self._settings.executor_max_deliveries:
+            message = f"delivered {attempt} times; the limit is " + str(
+                self._settings.executor_max_deliveries
+            )
+            await self._finish_without_outcome(
+                msg, item, Verdict("infra_error", "redelivery_limit", message), log
+            )
+            return
+        record = await self._ledger.get(item.run_id)
+        if record is not None and record.status in TERMINAL_STATUSES:
+            log.info("run_already_finished status=%s; acking redelivery", record.status)
+            await msg.ack_sync()
+            return
+        try:
+            await self._ledger.mark_running(item.run_id, self.executor)
+        except LedgerError as exc:
+            log.info("run_not_runnable reason=%s; acking", exc)
+            await msg.ack_sync()
+            return
+
+        queued_s = max(0.0, started - item.queued_at)
+        metrics.QUEUE_WAIT.observe(queued_s)
+        reporter = EventReporter(
+            self._events,
+            run_id=item.run_id,
+            tenant=item.tenant,
+            tool=item.tool,
+            trace_id=tracing.current_trace_id(),
+            log=log,
+        )
+        await reporter.event(
+            "dequeued",
+            duration_ms=round(queued_s * 1000, 3),
+            data={"attempt": attempt, "executor": self.executor},
+        )
+
+        try:
+            spec = ToolSpec.model_validate(item.spec)
+        except ValidationError as exc:
+            verdict = Verdict("rejected", "invalid_spec", f"ToolSpec in work item: {exc}")
+            await self._finish_without_outcome(msg, item, verdict, log)
+            return
+
+        handoff = ArtifactHandoff(
+            self._nc,
+            self._staging,
+            run_id=item.run_id,
+            tenant=item.tenant,
+            tool=item.tool,
+            limits=item.limits,
+        )
+        context = RunContext(
+            run_id=item.run_id,
+            tenant=item.tenant,
+            tool=item.tool,
+            executor=self.executor,
+            spec=spec,
+            arguments=item.arguments,
+            inputs=item.inputs,
+            limits=item.limits,
+            trace_env=tracing.container_env(),
+        )
+        async with _in_progress(msg, self._settings.executor_progress_interval_s):
+            outcome = await self._runner.run(context, reporter, handoff)
+
+        if (
+            _docker_vanished_before_start(outcome)
+            and attempt < self._settings.executor_max_deliveries
+        ):
+            # Nothing ran: put the run back so that it waits for Docker instead of failing.
+            log.warning("run_requeued reason=%s", outcome.reason)
+            await msg.nak(delay=self._settings.docker_retry_interval_s)
+            return
+
+        verdict = judge(outcome, spec, handoff)
+        if outcome.timings.total_ms is None:
+            outcome.timings.total_ms = round((time.time() - started) * 1000, 3)
+        outcome.timings.queued_ms = round(queued_s * 1000, 3)
+        result = build_result(
+            item,
+            outcome,
+            verdict,
+            handoff,
+            executor=self.executor,
+            trace_id=tracing.current_trace_id(),
+            finished_at=time.time(),
+        )
+        await self._record(msg, result, reporter, log, time.time() - started)
+
+    async def _finish_without_outcome(
+        self, msg: Msg, item: WorkItem, verdict: Verdict, log: RunLogger
+    ) -> None:
+        result = RunResult(
+            run_id=item.run_id,
+            request_id=item.request_id,
+            tenant=item.tenant,
+            tool=item.tool,
+            status=verdict.status,
+            reason=verdict.reason,
+            message=verdict.message,
+            executor=self.executor,
+            trace_id=tracing.current_trace_id(),
+            finished_at=time.time(),
+        )
+        reporter = EventReporter(
+            self._events,
+            run_id=item.run_id,
+            tenant=item.tenant,
+            tool=item.tool,
+            trace_id=result.trace_id,
+            log=log,
+        )
+        await self._record(msg, result, reporter, log, 0.0)
+
+    async def _record(
+        self, msg: Msg, result: RunResult, reporter: EventReporter, log: RunLogger, elapsed_s
+    ) -> None:
+        """Ledger first, then the finished event, then the ack: a crash in between only
+        causes a redelivery, which finds the terminal status and acks."""
+        if await self._ledger.finish(result):
+            metrics.RUNS.labels(result.status).inc()
+            metrics.RUN_DURATION.observe(elapsed_s)
+            await reporter.event(
+                "finished",
+                duration_ms=result.timings.total_ms,
+                reason=result.reason,
+                message=result.message,
+                status=result.status,
+                data={"result": to_builtins(result)},
+            )
+        log.info("run_recorded status=%s reason=%s", result.status, result.reason or "-")
+        await msg.ack_sync()
+
+    async def _refuse_malformed(self, msg: Msg, error: WireError) -> None:
+        run_id = (msg.headers or {}).get(subjects.RUN_ID_HEADER)
+        logger.error("work_item_malformed run_id=%s error=%s", run_id, error)
+        await msg.term()
+
+
+def _docker_vanished_before_start(outcome: RunOutcome) -> bool:
+    return (
+        outcome.status == "infra_error"
+        and outcome.reason == "docker_unavailable"
+        and outcome.timings.start_ms is None
+    )
+
+
+def _record_queue_span(item: WorkItem, parent) -> None:
+    """A span for the time the run waited in the queue, drawn after the fact."""
+    span = _tracer.start_span(
+        "billy.queue",
+        context=parent,
+        start_time=int(item.queued_at * 1e9),
+        attributes={"billy.run_id": item.run_id, "messaging.system": "nats"},
+    )
+    span.end()
+
+
+@contextlib.asynccontextmanager
+async def _in_progress(msg: Msg, interval_s: float):
+    """Tell JetStream every `interval_s` that the run is still being worked on."""
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+__all__ = ["ExecutorService", "RunEvent"]

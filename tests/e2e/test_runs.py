@@ -1,0 +1,180 @@
+"""Runs through the whole path: client -> admission -> JetStream -> executor -> Docker ->
+artifacts -> events and result."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from pathlib import Path
+
+import pytest
+
+from shared import subjects
+from shared.client import RunRejected
+from shared.wire import AdmissionReply, RequestedLimits, decode
+from tests.e2e.conftest import collect_events
+
+DOCUMENT = Path("/usr/share/common-licenses/GPL-3")
+RESULT_TIMEOUT_S = 90
+
+
+async def test_doc_stats_on_a_real_document_succeeds_with_artifacts(client, tmp_path):
+    reply = await client.submit(
+        "doc-stats", {"document": "GPL-3", "top": 5}, inputs={"GPL-3": DOCUMENT}
+    )
+    result = await client.result(reply.run_id, timeout_s=RESULT_TIMEOUT_S)
+
+    assert result.status == "succeeded", (result.reason, result.message, result.stderr)
+    assert result.exit_code == 0
+    assert result.output["words"] > 5000
+    assert result.output["sha256"] == hashlib.sha256(DOCUMENT.read_bytes()).hexdigest()
+    paths = {ref.path for ref in result.artifacts}
+    assert {"word-frequencies.csv", "summary.md"} <= paths
+    ref = next(r for r in result.artifacts if r.path == "word-frequencies.csv")
+    fetched = await client.fetch_artifact(reply.run_id, ref.path, tmp_path / "freq.csv")
+    data = (tmp_path / "freq.csv").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == ref.sha256 == fetched.sha256
+    assert len(data) == ref.size_bytes
+
+
+async def test_events_of_a_run_arrive_in_order_and_end_with_one_finished(client):
+    reply = await client.submit("echo", {"message": "hello"})
+    events = await collect_events(client, reply.run_id)
+
+    types = [e.type for e in events]
+    expected = [
+        "queued",
+        "dequeued",
+        "image_ensured",
+        "container_created",
+        "container_started",
+        "exited",
+        "container_removed",
+        "finished",
+    ]
+    assert [t for t in types if t in expected] == expected
+    assert types.count("finished") == 1
+    assert events[-1].status == "succeeded"
+    assert all(e.run_id == reply.run_id for e in events)
+    durations = {e.type: e.duration_ms for e in events}
+    assert durations["container_started"] is not None
+    assert durations["exited"] is not None
+
+
+async def test_invalid_arguments_are_rejected_naming_the_failing_path(client):
+    with pytest.raises(RunRejected) as rejected:
+        await client.submit("doc-stats", {"document": "GPL-3", "top": "many"})
+    reply = rejected.value.reply
+    assert reply.reason == "invalid_arguments"
+    assert "/top" in [error.path for error in reply.errors]
+
+
+async def test_unknown_tool_is_rejected(client):
+    with pytest.raises(RunRejected) as rejected:
+        await client.submit("no-such-tool", {})
+    assert rejected.value.reply.reason == "unknown_tool"
+
+
+async def test_same_request_id_twice_gives_the_same_run(client):
+    request_id = f"dup-{uuid.uuid4().hex}"
+    first = await client.submit("echo", {"message": "once"}, request_id=request_id)
+    second = await client.submit("echo", {"message": "once"}, request_id=request_id)
+
+    assert second.run_id == first.run_id
+    assert second.duplicate
+    result = await client.result(first.run_id, timeout_s=RESULT_TIMEOUT_S)
+    assert result.status == "succeeded"
+    events = await collect_events(client, first.run_id)
+    assert [e.type for e in events].count("dequeued") == 1
+
+
+async def test_run_past_its_timeout_is_killed_and_keeps_earlier_output(client):
+    reply = await client.submit(
+        "shell",
+        {"script": "echo before-timeout; sleep 30"},
+        limits=RequestedLimits(timeout_s=1.5),
+    )
+    result = await client.result(reply.run_id, timeout_s=RESULT_TIMEOUT_S)
+
+    assert result.status == "timed_out"
+    assert "before-timeout" in result.stdout
+    events = await collect_events(client, reply.run_id)
+    assert "timeout_kill" in [e.type for e in events]
+
+
+async def test_run_exceeding_memory_limit_reports_oom_killed(client):
+    reply = await client.submit("python", {"code": "x = bytearray(512 * 1024 * 1024)"})
+    result = await client.result(reply.run_id, timeout_s=RESULT_TIMEOUT_S)
+
+    assert result.status == "oom_killed", (result.reason, result.message, result.stderr)
+    events = await collect_events(client, reply.run_id)
+    assert "oom_kill" in [e.type for e in events]
+
+
+async def test_non_zero_exit_fails_with_the_exit_code(client):
+    reply = await client.submit("shell", {"script": "echo oops >&2; exit 3"})
+    result = await client.result(reply.run_id, timeout_s=RESULT_TIMEOUT_S)
+
+    assert result.status == "failed"
+    assert result.exit_code == 3
+    assert result.reason == "exit_code"
+    assert "oops" in result.stderr
+
+
+async def test_stdout_over_its_cap_is_truncated_with_a_limit_hit_event(client):
+    # The shell tool caps stdout at 64 KiB; write 5 MiB.
+    reply = await client.submit("shell", {"script": "yes 0123456789 | head -c 5242880"})
+    result = await client.result(reply.run_id, timeout_s=RESULT_TIMEOUT_S)
+
+    assert result.status == "succeeded"
+    assert result.stdout_truncated
+    assert result.stdout_bytes == 5 * 1024 * 1024
+    assert len(result.stdout.encode()) < 70 * 1024
+    assert "truncated" in result.stdout
+    events = await collect_events(client, reply.run_id)
+    limit_hits = [e for e in events if e.type == "limit_hit"]
+    assert limit_hits
+    assert limit_hits[0].data["stream"] == "stdout"
+
+
+async def test_artifact_over_its_size_limit_is_rejected_and_others_are_stored(client):
+    # The shell tool allows 64 KiB per artifact.
+    script = (
+        'head -c 70000 /dev/zero > "$BILLY_OUTPUT_DIR/big.bin"; '
+        'echo small > "$BILLY_OUTPUT_DIR/small.txt"'
+    )
+    reply = await client.submit("shell", {"script": script})
+    result = await client.result(reply.run_id, timeout_s=RESULT_TIMEOUT_S)
+
+    assert [ref.path for ref in result.artifacts] == ["small.txt"]
+    rejected = {r.path: r.reason for r in result.rejected_artifacts}
+    assert rejected == {"big.bin": "too_large"}
+    events = await collect_events(client, reply.run_id)
+    assert any(e.type == "artifact_rejected" and e.data["path"] == "big.bin" for e in events)
+
+
+async def test_one_trace_id_from_the_request_to_the_container_and_the_last_event(client):
+    trace_id = uuid.uuid4().hex
+    traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
+    reply = await client.submit("shell", {"script": 'echo "$TRACEPARENT"'}, traceparent=traceparent)
+    result = await client.result(reply.run_id, timeout_s=RESULT_TIMEOUT_S)
+
+    assert reply.trace_id == trace_id
+    assert result.status == "succeeded"
+    container_traceparent = result.stdout.strip()
+    assert container_traceparent.split("-")[1] == trace_id
+    assert result.trace_id == trace_id
+    events = await collect_events(client, reply.run_id)
+    assert {e.trace_id for e in events} == {trace_id}
+    assert events[-1].type == "finished"
+
+
+async def test_malformed_request_is_answered_and_admission_keeps_serving(client):
+    for payload in (b"", b"{", b'{"tool": 5}', b"\xff\xfe", b'{"request_id": "x"}'):
+        msg = await client.nc.request(subjects.SUBMIT_SUBJECT, payload, timeout=5)
+        reply = decode(msg.data, AdmissionReply)
+        assert reply.status == "error"
+        assert reply.reason == "malformed_request"
+    result = await client.run("echo", {"message": "still serving"}, result_timeout_s=60)
+    assert result.status == "succeeded"
+    assert "still serving" in result.stdout
