@@ -16,9 +16,22 @@ from pathlib import Path
 import aiodocker
 import pytest
 
+from services.admission.service import AdmissionService
+from services.artifacts.service import ArtifactsService
+from services.executor.service import ExecutorService
+from shared.client import BillyToolsClient
 from shared.settings import REPO_ROOT, Settings
+from shared.toolspec import ToolCatalog
 
 TEST_TOOLS_DIR = Path(__file__).parent / "tools"
+# Every executor a test session creates is named with this prefix, so that the final
+# leftover check sees this session's Docker objects and not a concurrent session's.
+SESSION_PREFIX = f"test-{uuid.uuid4().hex[:6]}"
+
+
+def session_executor_name(role: str) -> str:
+    """A fresh executor name belonging to this test session."""
+    return f"{SESSION_PREFIX}-{role}-{uuid.uuid4().hex[:6]}"
 
 
 def free_port() -> int:
@@ -82,8 +95,8 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 
 @pytest.fixture(scope="session")
 def executor_name() -> str:
-    """One executor name per test session, so that leftovers can be traced to it."""
-    return f"test-{uuid.uuid4().hex[:8]}"
+    """The in-process stack's executor name, so that leftovers can be traced to it."""
+    return session_executor_name("stack")
 
 
 @pytest.fixture(scope="session")
@@ -109,16 +122,25 @@ async def docker() -> AsyncIterator[aiodocker.Docker]:
         await client.close()
 
 
-async def managed_leftovers(docker: aiodocker.Docker, executor: str | None = None) -> dict:
-    """Containers and volumes labelled billy.managed (of one executor, if named)."""
+async def managed_leftovers(
+    docker: aiodocker.Docker, executor: str | None = None, executor_prefix: str | None = None
+) -> dict:
+    """Containers, volumes and networks labelled billy.managed: of one executor if named,
+    of executors whose name starts with `executor_prefix` if given."""
     label = f"billy.executor={executor}" if executor else "billy.managed=true"
     containers = await docker.containers.list(all=True, filters={"label": [label]})
     volumes = (await docker.volumes.list(filters={"label": [label]})).get("Volumes") or []
     networks = await docker.networks.list(filters={"label": [label]})
+
+    def ours(labels: dict | None) -> bool:
+        return executor_prefix is None or (labels or {}).get("billy.executor", "").startswith(
+            executor_prefix
+        )
+
     return {
-        "containers": [c.id[:12] for c in containers],
-        "volumes": [v["Name"] for v in volumes],
-        "networks": [n["Name"] for n in networks],
+        "containers": [c.id[:12] for c in containers if ours(c._container.get("Labels"))],
+        "volumes": [v["Name"] for v in volumes if ours(v.get("Labels"))],
+        "networks": [n["Name"] for n in networks if ours(n.get("Labels"))],
     }
 
 
@@ -134,3 +156,53 @@ async def wait_for(predicate, timeout_s: float = 10.0, interval_s: float = 0.05)
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         await asyncio.sleep(interval_s)
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def no_managed_leftovers_after_the_suite():
+    """Nothing labelled billy.managed by this session may remain once every test has run.
+
+    In CI nothing else runs, so there this covers every billy.managed object.
+    """
+    yield
+    prefix = None if os.environ.get("CI") else SESSION_PREFIX
+    async with aiodocker.Docker(url=os.environ.get("DOCKER_HOST")) as client:
+        leftovers = await managed_leftovers(client, executor_prefix=prefix)
+    assert leftovers == {"containers": [], "volumes": [], "networks": []}, leftovers
+
+
+@pytest.fixture(scope="session")
+def catalog() -> ToolCatalog:
+    return ToolCatalog.load(REPO_ROOT / "tool-images", TEST_TOOLS_DIR)
+
+
+@pytest.fixture(scope="session")
+async def stack(settings, catalog, docker):
+    """The three services in this process, started in order and stopped in reverse."""
+    started = []
+    try:
+        for service in (
+            ArtifactsService(settings),
+            AdmissionService(settings, catalog),
+            ExecutorService(settings),
+        ):
+            await service.start()
+            started.append(service)
+        yield started
+    finally:
+        for service in reversed(started):
+            await service.stop()
+    leftovers = await managed_leftovers(docker, settings.executor_name)
+    assert leftovers == {"containers": [], "volumes": [], "networks": []}
+
+
+@pytest.fixture(scope="session")
+async def client(stack, settings):
+    """Billy's client, connected to the in-process stack."""
+    async with BillyToolsClient.connect(settings) as connected:
+        yield connected
+
+
+async def collect_events(client: BillyToolsClient, run_id: str) -> list:
+    """Every event of a finished run, in order."""
+    return [event async for event in client.events(run_id)]

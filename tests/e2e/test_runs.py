@@ -12,7 +12,7 @@ import pytest
 from shared import subjects
 from shared.client import RunRejected
 from shared.wire import AdmissionReply, RequestedLimits, decode
-from tests.e2e.conftest import collect_events
+from tests.conftest import collect_events
 
 DOCUMENT = Path("/usr/share/common-licenses/GPL-3")
 RESULT_TIMEOUT_S = 90

@@ -13,6 +13,7 @@ import pytest
 from services.executor.model import OutputEntry, RunContext
 from shared.toolspec import ToolSpec
 from shared.wire import EffectiveLimits, InputFile
+from tests.conftest import session_executor_name
 
 FAKE_IMAGE_ID = "sha256:" + "ab" * 32
 
@@ -83,7 +84,7 @@ def effective_limits(spec: ToolSpec, **overrides: Any) -> EffectiveLimits:
 @pytest.fixture(scope="session")
 def runner_executor() -> str:
     """The executor name of these tests, so that leftovers can be traced to them."""
-    return f"test-runner-{uuid.uuid4().hex[:8]}"
+    return session_executor_name("runner")
 
 
 @pytest.fixture
