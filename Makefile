@@ -7,14 +7,17 @@ SHELL := bash
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 TOOLS_DIRS := --tools-dir tool-images --tools-dir tests/tools
+# The embedded registry that scripts/setup.sh started (none: images stay local). An
+# explicit BILLY_REGISTRY wins; `BILLY_REGISTRY= make images` pushes nowhere.
+EMBEDDED_REGISTRY_FILE := $${BILLY_STATE_DIR:-.billy}/registry/address
 PYTEST_ARGS ?=
 
-.PHONY: help setup images test lint format demo down bench clean schemas
+.PHONY: help setup images test lint format demo down bench bench-startup clean schemas
 
 help:
 	@echo "make demo   set up, build images, start the stack and run doc-stats on GPL-3"
 	@echo "make test   set up, build images, ruff format --check, ruff check, pytest"
-	@echo "make setup | images | lint | format | schemas | down | bench | clean"
+	@echo "make setup | images | lint | format | schemas | down | bench | bench-startup | clean"
 
 setup:
 	@echo "==> setup: Debian packages, Docker daemon, .venv"
@@ -24,8 +27,9 @@ images: setup
 	@echo "==> images: base images billy/base:bookworm and billy/busybox:local"
 	@bash tool-images/base/build-local.sh
 	@bash tool-images/busybox/build-local.sh
-	@echo "==> images: tool images of tool-images/ and tests/tools/"
-	@$(PYTHON) -m shared.images build $(TOOLS_DIRS)
+	@echo "==> images: tool images of tool-images/ and tests/tools/, pushed to the registry if any"
+	@BILLY_REGISTRY=$${BILLY_REGISTRY-$$(cat $(EMBEDDED_REGISTRY_FILE) 2>/dev/null || true)} \
+		$(PYTHON) -m shared.images build $(TOOLS_DIRS)
 
 lint: setup
 	@echo "==> lint: ruff format --check, ruff check"
@@ -56,6 +60,10 @@ down:
 bench: setup images
 	@echo "==> bench: bench/run.py"
 	@$(PYTHON) bench/run.py
+
+bench-startup: setup images
+	@echo "==> bench-startup: container start-up latency, runc vs runsc (gVisor)"
+	@$(PYTHON) -m bench.startup
 
 clean:
 	@echo "==> clean: caches, build output and image locks (images and .venv stay)"

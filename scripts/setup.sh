@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes this machine ready to build, test and run billy-tools: Debian packages, a Docker
-# daemon that answers, and .venv with the project installed. Idempotent: a second run
-# only checks. CI calls it on a fresh clone as root with no daemon running.
+# daemon that answers, the embedded image registry when docker-registry is installed, and
+# .venv with the project installed. Idempotent: a second run only checks. CI calls it on a
+# fresh clone as root with no daemon running.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -111,6 +112,155 @@ start_docker() {
   say "docker: dockerd (pid $pid) answers"
 }
 
+# gVisor: tools whose ToolSpec says `runtime: runsc` run in its user-space kernel. The
+# runtime is registered for a local daemon only; docs/gvisor.md says how to do it elsewhere.
+runsc_binary=/usr/bin/runsc
+daemon_json=${BILLY_DOCKER_DAEMON_JSON:-/etc/docker/daemon.json}
+runsc_reload_wait_s=${BILLY_RUNSC_RELOAD_WAIT_S:-20}
+
+runsc_wanted() {
+  [ -x "$runsc_binary" ] && [ -z "${DOCKER_HOST:-}" ] && [ "$(id -u)" = 0 ]
+}
+
+# Adds the "runsc" runtime to daemon.json, keeping every other key. Without
+# --network=none, this runsc (a 2022 release) fails to start containers here and leaves
+# an untracked sandbox process behind. An existing "runsc" entry is the admin's: kept.
+register_runsc() {
+  runsc_wanted || return 0
+  mkdir -p "$(dirname "$daemon_json")"
+  "$(find_python)" - "$daemon_json" "$runsc_binary" <<'PY' || fail "cannot register runsc in $daemon_json"
+import json, os, sys
+
+path, binary = sys.argv[1], sys.argv[2]
+wanted = {"path": binary, "runtimeArgs": ["--network=none"]}
+try:
+    with open(path) as file:
+        config = json.load(file)
+except FileNotFoundError:
+    config = {}
+except (OSError, ValueError) as exc:
+    sys.exit(f"setup: error: {path} is not readable JSON ({exc}); fix it first")
+runtimes = config.setdefault("runtimes", {})
+if runtimes.get("runsc") == wanted:
+    print(f"setup: gvisor: runsc is registered in {path}")
+    sys.exit(0)
+if "runsc" in runtimes:
+    print(f"setup: gvisor: {path} has its own runsc entry {runtimes['runsc']}; kept "
+          f"(this machine needs runtimeArgs ['--network=none'])")
+    sys.exit(0)
+runtimes["runsc"] = wanted
+# Written next to the file, then renamed: dockerd never reads half a file.
+temporary = f"{path}.billy-tmp"
+with open(temporary, "w") as file:
+    json.dump(config, file, indent=2)
+    file.write("\n")
+os.chmod(temporary, 0o644)
+os.replace(temporary, path)
+print(f"setup: gvisor: registered runsc ({binary} --network=none) in {path}")
+PY
+}
+
+docker_has_runsc() {
+  timeout 10 docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"'
+}
+
+# A dockerd started by this script read daemon.json at start; one already running
+# reloads `runtimes` on SIGHUP, without a restart that would stop running containers.
+reload_runsc() {
+  if ! runsc_wanted; then
+    [ -x "$runsc_binary" ] || say "gvisor: runsc is not installed; tools asking for it cannot run"
+    [ -x "$runsc_binary" ] && say "gvisor: not registering runsc (DOCKER_HOST set or not root)"
+    return 0
+  fi
+  if docker_has_runsc; then
+    say "gvisor: the daemon lists the runsc runtime"
+    return
+  fi
+  local pid deadline=$((SECONDS + runsc_reload_wait_s))
+  pid=$(cat /var/run/docker.pid 2>/dev/null || true)
+  if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
+    say "gvisor: no local dockerd pid in /var/run/docker.pid; reload the daemon to get runsc"
+    return
+  fi
+  say "gvisor: SIGHUP to dockerd (pid $pid) to load the runsc runtime"
+  kill -HUP "$pid"
+  until docker_has_runsc; do
+    [ $SECONDS -lt $deadline ] ||
+      fail "dockerd does not list runsc ${runsc_reload_wait_s} s after SIGHUP; see its log"
+    sleep 0.5
+  done
+  say "gvisor: the daemon lists the runsc runtime"
+}
+
+# The embedded registry: Debian's docker-registry on 127.0.0.1, storing under .billy. Docker
+# talks plain HTTP to registries on 127.0.0.0/8 without any daemon configuration.
+registry_addr=${BILLY_EMBEDDED_REGISTRY:-127.0.0.1:5000}
+registry_dir=$state_dir/registry
+registry_wait_s=${BILLY_REGISTRY_WAIT_S:-20}
+
+# `GET /v2/` over bash's /dev/tcp: curl may not be installed on a fresh machine.
+registry_answers() {
+  local status
+  status=$(timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2" &&
+    printf "GET /v2/ HTTP/1.0\r\nHost: %s:%s\r\n\r\n" "$1" "$2" >&3 && head -n 1 <&3' \
+    _ "${registry_addr%:*}" "${registry_addr##*:}" 2>/dev/null) || return 1
+  [[ $status == "HTTP/1."?" 200"* ]]
+}
+
+registry_port_taken() {
+  timeout 2 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "${registry_addr%:*}" "${registry_addr##*:}" \
+    2>/dev/null
+}
+
+write_registry_config() {
+  mkdir -p "$registry_dir/storage"
+  cat >"$registry_dir/config.yml" <<EOF
+# Written by scripts/setup.sh: the embedded registry of billy-tools' tool images.
+version: 0.1
+log:
+  level: warn
+  fields: {service: billy-registry}
+storage:
+  filesystem: {rootdirectory: "$registry_dir/storage"}
+  delete: {enabled: true}
+http:
+  addr: "$registry_addr"
+EOF
+}
+
+# `make images` pushes to the address in $registry_dir/address; no file, no push.
+start_registry() {
+  rm -f "$registry_dir/address"
+  if [ ! -x /usr/bin/docker-registry ]; then
+    say "registry: docker-registry is not installed; tool images stay local"
+    return
+  fi
+  if registry_answers; then
+    say "registry: $registry_addr answers"
+    echo "$registry_addr" >"$registry_dir/address"
+    return
+  fi
+  if registry_port_taken; then
+    say "registry: $registry_addr is in use by something that is not a registry; not started"
+    return
+  fi
+  write_registry_config
+  say "registry: starting docker-registry on $registry_addr (log: $registry_dir/registry.log)"
+  setsid nohup /usr/bin/docker-registry serve "$registry_dir/config.yml" \
+    >>"$registry_dir/registry.log" 2>&1 </dev/null &
+  local pid=$! deadline=$((SECONDS + registry_wait_s))
+  echo "$pid" >"$registry_dir/registry.pid"
+  until registry_answers; do
+    kill -0 "$pid" 2>/dev/null || fail "docker-registry exited; last lines of $registry_dir/registry.log:
+$(tail -n 20 "$registry_dir/registry.log")"
+    [ $SECONDS -lt $deadline ] ||
+      fail "docker-registry did not answer on $registry_addr within ${registry_wait_s} s"
+    sleep 0.2
+  done
+  say "registry: docker-registry (pid $pid) answers on $registry_addr"
+  echo "$registry_addr" >"$registry_dir/address"
+}
+
 find_python() {
   local candidate
   for candidate in python3.11 /usr/bin/python3.11; do
@@ -142,6 +292,9 @@ $(tail -n 20 "$state_dir/pip.log")"
 }
 
 install_packages
+register_runsc
 start_docker
+reload_runsc
+start_registry
 install_venv
 say "ready"

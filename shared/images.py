@@ -2,7 +2,9 @@
 
 No docker CLI and no BuildKit: the build context goes to the engine as a tar. The lock
 holds, per tool, the image id (and the registry digest after a push) that the executor
-pins, plus the hash of the build context so that an unchanged tool is not rebuilt.
+pins, plus the hash of the build context so that an unchanged tool is not rebuilt. A built
+image that would run as root without the ToolSpec naming a user, or that points into
+/proc, is refused: removed, never pushed, never recorded (docs/tool-images.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import aiodocker
 import typer
 
 from shared.errors import BillyToolsError
+from shared.image_config import Refusal, proc_refusal, repo_digests, root_refusal
 from shared.settings import Settings
 from shared.toolspec import LOCK_FILE, SPEC_FILE, ToolSpec, load_toolspec, read_image_lock
 
@@ -42,6 +45,14 @@ class ImageBuildError(BillyToolsError):
         self.reason = reason
 
 
+class ImageRefusedError(ImageBuildError):
+    """A built tool image breaks a rule on its configuration (root user, /proc paths)."""
+
+    def __init__(self, tool: str, refusals: list[Refusal]) -> None:
+        super().__init__(tool, "; ".join(refusal.message for refusal in refusals))
+        self.refusals = refusals
+
+
 @dataclass(frozen=True)
 class BuiltImage:
     """What one build did for one tool."""
@@ -53,6 +64,7 @@ class BuiltImage:
     context_sha256: str
     skipped: bool
     elapsed_ms: int
+    registry: str | None = None
 
 
 def context_files(context_dir: Path) -> list[Path]:
@@ -123,6 +135,27 @@ def image_labels(spec: ToolSpec) -> dict[str, str]:
     return {"billy.tool": spec.name, "billy.tool_version": spec.version}
 
 
+def image_refusals(spec: ToolSpec, inspected: dict[str, Any]) -> list[Refusal]:
+    """Why the image `inspected` may not serve this ToolSpec; empty when it may."""
+    config = inspected.get("Config") or {}
+    # A user in tool.yaml (never root, the ToolSpec checks) overrides the image's USER.
+    user_named = "user" in spec.model_fields_set
+    executables = [*(spec.entrypoint or [])[:1], spec.command[0]]
+    found = [
+        root_refusal(spec.image.ref, config, user_named),
+        proc_refusal(spec.image.ref, config, executables),
+    ]
+    return [refusal for refusal in found if refusal is not None]
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """Repository and tag of an image reference; `latest` when it names no tag."""
+    repository, _, tag = ref.rpartition(":")
+    if not repository or "/" in tag:
+        return ref, "latest"
+    return repository, tag
+
+
 def write_lock(tools_dir: Path, lock: dict[str, Any]) -> None:
     """Replace the lock file atomically so that a reader never sees half of it."""
     path = tools_dir / LOCK_FILE
@@ -153,7 +186,7 @@ class ImageBuilder:
                 "id": result.id,
                 "digest": result.digest,
                 "context_sha256": result.context_sha256,
-                **({"registry": self.registry} if result.digest else {}),
+                **({"registry": result.registry} if result.digest else {}),
             }
             write_lock(tools_dir, lock)
             built.append(result)
@@ -179,9 +212,11 @@ class ImageBuilder:
                 wanted_hash,
                 skipped=True,
                 elapsed_ms=_elapsed_ms(started),
+                registry=recorded.get("registry"),
             )
 
         image_id = await self._build(spec, spec_dir)
+        await self._refuse_if_breaking_rules(spec, image_id, recorded)
         digest = await self._push(spec) if self.registry else None
         if recorded and recorded.get("id") not in (None, image_id):
             await self._remove_if_untagged(spec.name, recorded["id"])
@@ -201,6 +236,7 @@ class ImageBuilder:
             wanted_hash,
             skipped=False,
             elapsed_ms=_elapsed_ms(started),
+            registry=self.registry if digest else None,
         )
 
     async def _context_hash(self, spec: ToolSpec, spec_dir: Path) -> str:
@@ -225,15 +261,26 @@ class ImageBuilder:
             recorded.get("registry") != self.registry or not recorded.get("digest")
         ):
             return False
-        return await self._image_id(spec.image.ref) == recorded.get("id")
+        inspected = await self._inspect(spec.image.ref)
+        if inspected is None or inspected["Id"] != recorded.get("id"):
+            return False
+        # Untagging the registry copy drops the digest that the executor checks: push again.
+        if recorded.get("digest") and recorded["digest"] not in repo_digests(inspected):
+            return False
+        # An image recorded before a rule existed is rebuilt, and refused then.
+        return not image_refusals(spec, inspected)
 
-    async def _image_id(self, ref: str) -> str | None:
+    async def _inspect(self, ref: str) -> dict[str, Any] | None:
         try:
-            return (await self.docker.images.inspect(ref))["Id"]
+            return await self.docker.images.inspect(ref)
         except aiodocker.DockerError as exc:
             if exc.status == 404:
                 return None
             raise
+
+    async def _image_id(self, ref: str) -> str | None:
+        inspected = await self._inspect(ref)
+        return None if inspected is None else inspected["Id"]
 
     async def _build(self, spec: ToolSpec, spec_dir: Path) -> str:
         """Send the context to the engine, follow the build stream, return the image id."""
@@ -271,11 +318,30 @@ class ImageBuilder:
             raise ImageBuildError(spec.name, f"build ended but {spec.image.ref} does not exist")
         return image_id
 
+    async def _refuse_if_breaking_rules(
+        self, spec: ToolSpec, image_id: str, recorded: dict[str, Any] | None
+    ) -> None:
+        """Remove a just-built image that breaks a rule and raise ImageRefusedError."""
+        refusals = image_refusals(spec, await self.docker.images.inspect(image_id))
+        if not refusals:
+            return
+        await self.docker.images.delete(image_id, force=True)
+        logger.warning(
+            "image_refused tool=%s id=%s reasons=%s",
+            spec.name,
+            image_id[:19],
+            ",".join(refusal.reason for refusal in refusals),
+        )
+        # The tag moved to the refused image; give it back to the image the lock records.
+        previous_id = (recorded or {}).get("id")
+        if previous_id and await self._image_id(previous_id) is not None:
+            repository, tag = split_ref(spec.image.ref)
+            await self.docker.images.tag(previous_id, repository, tag=tag)
+        raise ImageRefusedError(spec.name, refusals)
+
     async def _push(self, spec: ToolSpec) -> str:
         """Tag the image into the registry, push it and return the registry digest."""
-        repository, _, tag = spec.image.ref.rpartition(":")
-        if not repository or "/" in tag:
-            repository, tag = spec.image.ref, "latest"
+        repository, tag = split_ref(spec.image.ref)
         remote = f"{self.registry}/{repository}"
         digest = None
         try:

@@ -38,8 +38,18 @@ class Settings(BaseSettings):
         None,
         description="Registry (host:port) that tool images are pushed to and pulled from.",
     )
+    keeper_image: str = Field(
+        "billy/busybox:local",
+        description="Local image with a static `sleep` and `stat` that holds each run's "
+        "workspace tmpfs mounted while the tool runs (never pulled).",
+    )
 
     tools_dir: Path = Field(REPO_ROOT / "tool-images", description="Where ToolSpecs live.")
+    policy_file: Path | None = Field(
+        None,
+        description="Operator policy (caps and approved relaxations); unset means "
+        "<tools_dir>/policy.yaml when it exists, else the built-in strict baseline.",
+    )
     state_dir: Path = Field(REPO_ROOT / ".billy", description="State of the embedded stack.")
 
     executor_name: str = Field(
@@ -75,6 +85,13 @@ class Settings(BaseSettings):
     artifacts_metrics_port: int = Field(0, description="Prometheus port; 0 disables.")
 
     log_level: str = "INFO"
+
+    def operator_policy_path(self) -> Path | None:
+        """The operator policy file in force, or None for the built-in baseline."""
+        if self.policy_file is not None:
+            return self.policy_file
+        default = self.tools_dir / "policy.yaml"
+        return default if default.exists() else None
 
     def nats_servers(self) -> list[str]:
         return [url.strip() for url in self.nats_url.split(",") if url.strip()]

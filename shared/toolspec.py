@@ -146,6 +146,11 @@ class ToolSpec(_Strict):
     limits: Limits = Field(default_factory=Limits)
     filesystem: Filesystem = Field(default_factory=Filesystem)
     network: Network = Field(default_factory=Network)
+    runtime: Literal["runc", "runsc"] = Field(
+        "runc",
+        description="Container runtime: runc (default), or runsc (gVisor, a user-space kernel "
+        "between the tool and the host) for tools that run arbitrary code; docs/gvisor.md.",
+    )
     secrets: list[str] = Field(default_factory=list)
     concurrency: Concurrency = Field(default_factory=Concurrency)
     user: str = Field("65534:65534", pattern=r"^[0-9]+(:[0-9]+)?$")

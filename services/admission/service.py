@@ -30,6 +30,7 @@ from opentelemetry import trace
 from services.admission import metrics
 from services.admission.errors import AdmissionError, AdmissionUnavailable, RequestRejected
 from services.admission.limits import effective_limits
+from services.admission.policy import POLICY_VIOLATION, check_requested_limits, served_and_refused
 from services.admission.validation import (
     ArgumentValidator,
     check_inputs,
@@ -41,6 +42,7 @@ from shared import jetstream, subjects, tracing
 from shared.events import EventPublisher
 from shared.ledger import RunLedger, request_key
 from shared.logs import bind
+from shared.operator_policy import OperatorPolicy, policy_of
 from shared.service import answer_pings
 from shared.settings import Settings
 from shared.toolspec import ToolCatalog, ToolSpec
@@ -50,10 +52,12 @@ from shared.wire import (
     RunEvent,
     RunRecord,
     RunRequest,
+    RunResult,
     ToolList,
     ToolSummary,
     WorkItem,
     encode,
+    to_builtins,
 )
 
 logger = logging.getLogger(__name__)
@@ -157,9 +161,17 @@ class AdmissionService:
 
     name = "admission"
 
-    def __init__(self, settings: Settings, catalog: ToolCatalog | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: ToolCatalog | None = None,
+        policy: OperatorPolicy | None = None,
+    ) -> None:
         self._settings = settings
         self._catalog = catalog
+        self._policy = policy
+        # Tools the operator policy refuses, with the reason a request for them gets.
+        self._refused: dict[str, str] = {}
         self._instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self._specs: dict[str, ToolSpec] = {}
         self._validators: dict[str, ArgumentValidator] = {}
@@ -193,7 +205,12 @@ class AdmissionService:
         except BaseException:
             await self._nc.close()
             raise
-        logger.info("admission_started instance=%s tools=%d", self._instance, len(self._validators))
+        logger.info(
+            "admission_started instance=%s tools=%d refused=%d",
+            self._instance,
+            len(self._validators),
+            len(self._refused),
+        )
 
     async def stop(self) -> None:
         """Stop taking requests, answer those in flight, then drain the connection."""
@@ -208,7 +225,9 @@ class AdmissionService:
     def _load_catalog(self) -> None:
         if self._catalog is None:
             self._catalog = ToolCatalog.load(self._settings.tools_dir)
-        specs = list(self._catalog)
+        if self._policy is None:
+            self._policy = policy_of(self._settings)
+        specs, self._refused = served_and_refused(self._catalog, self._policy)
         self._specs = {spec.name: spec for spec in specs}
         self._validators = {spec.name: ArgumentValidator(spec) for spec in specs}
         self._spec_documents = {spec.name: spec.model_dump(mode="json") for spec in specs}
@@ -297,13 +316,19 @@ class AdmissionService:
         spec = self._spec_of(request.tool)
         self._validators[spec.name].check(request.arguments)
         check_inputs(request.inputs, spec)
+        # The operator's caps first: their answer names the cap, not the ToolSpec.
+        check_requested_limits(self._policy, spec, request.limits)
         limits = effective_limits(spec, request.limits)
 
         claim = await self._claim(request)
-        if not claim.ours and await self._settled_record(claim) is not None:
+        earlier = None if claim.ours else await self._settled_record(claim)
+        if earlier is not None and earlier.status != "queued":
             return AdmissionReply(status="queued", run_id=claim.run_id, duplicate=True)
 
-        # New run, or an earlier claim whose admission never got to record its run.
+        # The record and the queued event come before the work item, so that no executor
+        # ever holds a run the ledger does not know. An earlier claim whose run is still
+        # queued may never have reached the stream: publishing again is harmless, since
+        # JetStream drops a repeated Nats-Msg-Id.
         item = WorkItem(
             run_id=claim.run_id,
             request_id=request.request_id,
@@ -315,12 +340,15 @@ class AdmissionService:
             queued_at=time.time(),
             inputs=request.inputs,
         )
-        ack = await self._enqueue(item, claim)
-        await self._record_run(item)
-        await self._emit_queued(item, ack)
+        if earlier is None:
+            await self._record_run(item)
+            await self._emit_queued(item)
+        await self._enqueue(item, claim)
         return AdmissionReply(status="queued", run_id=claim.run_id, duplicate=not claim.ours)
 
     def _spec_of(self, tool: str) -> ToolSpec:
+        if tool in self._refused:
+            raise RequestRejected(POLICY_VIOLATION, self._refused[tool])
         try:
             return self._specs[tool]
         except KeyError as exc:
@@ -374,8 +402,8 @@ class AdmissionService:
             )
         except NATS_FAILURES as exc:
             logger.warning("enqueue_failed run_id=%s error=%r", item.run_id, exc)
-            if claim.ours:
-                await self._claims.release(claim)
+            await self._abandon(item, f"stream {subjects.WORK_STREAM} did not take it: {exc!r}")
+            await self._claims.release(claim)
             raise AdmissionUnavailable(
                 "queue_unavailable",
                 f"stream {subjects.WORK_STREAM} did not take run {item.run_id}: {exc!r}",
@@ -404,7 +432,38 @@ class AdmissionService:
                 "send the request again to finish admitting it",
             ) from exc
 
-    async def _emit_queued(self, item: WorkItem, ack: PubAck) -> None:
+    async def _abandon(self, item: WorkItem, why: str) -> None:
+        """End a recorded run that never reached the queue, so it does not wait forever."""
+        result = RunResult(
+            run_id=item.run_id,
+            request_id=item.request_id,
+            tenant=item.tenant,
+            tool=item.tool,
+            status="infra_error",
+            reason="queue_unavailable",
+            message=why,
+            trace_id=tracing.current_trace_id(),
+            finished_at=time.time(),
+        )
+        try:
+            if await self._ledger.finish(result):
+                await self._events.emit(
+                    RunEvent(
+                        run_id=item.run_id,
+                        type="finished",
+                        tenant=item.tenant,
+                        tool=item.tool,
+                        trace_id=result.trace_id,
+                        status="infra_error",
+                        reason="queue_unavailable",
+                        message=why,
+                        data={"result": to_builtins(result)},
+                    )
+                )
+        except NATS_FAILURES as exc:
+            logger.warning("abandon_failed run_id=%s error=%r", item.run_id, exc)
+
+    async def _emit_queued(self, item: WorkItem) -> None:
         event = RunEvent(
             run_id=item.run_id,
             type="queued",
@@ -412,7 +471,7 @@ class AdmissionService:
             tool=item.tool,
             trace_id=tracing.current_trace_id(),
             status="queued",
-            data={"stream": ack.stream, "stream_seq": ack.seq},
+            data={"stream": subjects.WORK_STREAM},
         )
         try:
             await self._events.emit(event)

@@ -1,4 +1,5 @@
-"""The tool's output entries, read from /workspace/out after it exited.
+"""The tool's output entries, read from /workspace/out after it exited (through the
+workspace keeper, which still mounts the workspace).
 
 The archive endpoint's tar is streamed into a bounded temporary file and parsed there:
 nothing is extracted to disk, no name in it is used as a host path, and no link is
@@ -71,7 +72,15 @@ async def collect_outputs(
             return collected
         with tar:
             await _offer_entries(tar, collected, context, sink, log)
+    await _finish_offers(sink, reporter)
     return collected
+
+
+async def _finish_offers(sink: ArtifactSink, reporter: RunReporter) -> None:
+    # Optional for a sink: ArtifactHandoff reports there, once, what it left out.
+    finish = getattr(sink, "finish", None)
+    if finish is not None:
+        await finish(reporter)
 
 
 def _open_archive(spool: IO[bytes], collected: Collected, log: RunLogger) -> tarfile.TarFile | None:

@@ -9,7 +9,11 @@ from typing import Literal
 import aiohttp
 from aiodocker.exceptions import DockerError
 
-InfraReason = Literal["docker_unavailable", "image_unavailable", "docker_error"]
+InfraReason = Literal[
+    "docker_unavailable", "image_unavailable", "runtime_unavailable", "docker_error"
+]
+
+ImageRefusalReason = Literal["image_digest_mismatch", "image_proc_path"]
 
 # aiodocker reports "cannot connect to the daemon" as this pseudo HTTP status.
 DOCKER_UNREACHABLE_STATUS = 900
@@ -33,6 +37,24 @@ class ImageUnavailableError(InfraError):
 
     def __init__(self, message: str) -> None:
         super().__init__("image_unavailable", message)
+
+
+class RuntimeUnavailableError(InfraError):
+    """The ToolSpec asks for a container runtime (e.g. runsc) that the daemon does not have."""
+
+    def __init__(self, runtime: str, message: str) -> None:
+        super().__init__("runtime_unavailable", message)
+        self.runtime = runtime
+
+
+class ImageRefusedError(ExecutorError):
+    """The image found is not the one recorded for the tool, or its Config is refused;
+    the run ends in rejected with this reason."""
+
+    def __init__(self, reason: ImageRefusalReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
 
 
 class CommandError(ExecutorError):

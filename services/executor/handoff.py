@@ -1,5 +1,9 @@
 """ArtifactHandoff: the ArtifactSink that passes a run's output files to the artifacts
-service (bytes through the billy_staging object store, the decision by request/reply)."""
+service (bytes through the billy_staging object store, the decision by request/reply).
+
+Once the run has stored artifact_count artifacts, further entries are only counted; finish()
+reports them as one too_many rejection and one event instead of one request each.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.object_store import ObjectStore
 
 from services.executor.errors import ExecutorError
-from services.executor.model import OutputEntry
+from services.executor.model import OutputEntry, RunReporter
 from shared import subjects, tracing
 from shared.wire import (
     ArtifactIngest,
@@ -54,6 +58,8 @@ class ArtifactHandoff:
             artifact_count=limits.artifact_count,
         )
         self._index = 0
+        self._not_collected = 0
+        self._first_not_collected: str | None = None
         self.stored: list[ArtifactRef] = []
         self.rejected: list[ArtifactRejection] = []
         self.unavailable: str | None = None  # why the artifacts service could not be used
@@ -64,6 +70,12 @@ class ArtifactHandoff:
 
     async def offer(self, entry: OutputEntry, content: IO[bytes] | None) -> None:
         index, self._index = self._index, self._index + 1
+        if len(self.stored) >= self._limits.artifact_count:
+            # The run is full: a request per further entry would only flood the artifacts
+            # service and the run's events with the same too_many answer.
+            self._not_collected += 1
+            self._first_not_collected = self._first_not_collected or entry.path
+            return
         staged = None
         if content is not None and self._within_limits(entry):
             staged = f"{self._run['run_id']}/{index}"
@@ -99,6 +111,21 @@ class ArtifactHandoff:
             self.stored.append(verdict.ref)
         elif verdict.rejection is not None:
             self.rejected.append(verdict.rejection)
+
+    async def finish(self, reporter: RunReporter) -> None:
+        """Report the entries left out once artifact_count was reached: one rejection, one event."""
+        if not self._not_collected:
+            return
+        limit = self._limits.artifact_count
+        message = f"{self._not_collected} further output files not collected; the limit is {limit}"
+        first = self._first_not_collected or ""
+        self.rejected.append(ArtifactRejection(first, "too_many", message))
+        await reporter.event(
+            "artifact_rejected",
+            reason="too_many",
+            message=message,
+            data={"path": first, "not_collected": self._not_collected, "artifact_count": limit},
+        )
 
     async def _discard(self, staged: str | None) -> None:
         if staged is None:

@@ -1,8 +1,9 @@
 """DockerRunner: runs one tool in a hardened container and always cleans up after it.
 
-Steps of a run: ensure the image, build argv, create the workspace volume and the
-container, fill the workspace, attach, start, wait (with the wall-clock timeout), inspect,
-collect the outputs, remove the container and the volume. Each step is reported as a run
+Steps of a run: ensure the image, build argv, create the workspace volume (a tmpfs of
+workspace_bytes), start its keeper while creating the container, fill the workspace,
+attach, start, wait (with the wall-clock timeout), inspect, collect the outputs from the
+keeper, remove both containers and the volume. Each step is reported as a run
 event. Docker failures end the run in infra_error; nothing the tool does raises.
 """
 
@@ -23,16 +24,21 @@ from aiodocker.containers import DockerContainer
 
 from services.executor.collector import collect_outputs
 from services.executor.command import Argv, build_argv
-from services.executor.errors import CommandError, InfraError, docker_errors
+from services.executor.errors import CommandError, ImageRefusedError, InfraError, docker_errors
 from services.executor.image import ensure_image
 from services.executor.model import ArtifactSink, RunContext, RunOutcome, RunReporter
 from services.executor.output import OutputCapture, drain
 from services.executor.policy import container_config
+from services.executor.runtimes import DaemonRuntimes
 from services.executor.workspace import (
+    DEFAULT_KEEPER_IMAGE,
     create_volume,
+    keeper_name,
     remove_volume,
+    start_keeper,
     upload_workspace,
     workspace_archive,
+    workspace_full,
 )
 from shared import tracing
 from shared.logs import bind
@@ -50,15 +56,31 @@ DOCKER_NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
 class DockerRunner:
     """A ToolRunner on a Docker Engine: one hardened container and volume per run."""
 
-    def __init__(self, docker: aiodocker.Docker, registry: str | None = None) -> None:
+    def __init__(
+        self,
+        docker: aiodocker.Docker,
+        registry: str | None = None,
+        keeper_image: str = DEFAULT_KEEPER_IMAGE,
+    ) -> None:
         self._docker = docker
         self._registry = registry
+        self._runtimes = DaemonRuntimes(docker)
+        self._keeper_image = keeper_image
 
     async def run(
         self, context: RunContext, reporter: RunReporter, sink: ArtifactSink
     ) -> RunOutcome:
         """Run the tool to completion; the container and volume are gone when this returns."""
-        return await _Run(self._docker, self._registry, context, reporter, sink).execute()
+        run = _Run(
+            self._docker,
+            self._registry,
+            context,
+            reporter,
+            sink,
+            self._runtimes,
+            keeper_image=self._keeper_image,
+        )
+        return await run.execute()
 
     async def ping(self) -> bool:
         """Whether the Docker daemon answers."""
@@ -66,7 +88,7 @@ class DockerRunner:
             async with asyncio.timeout(PING_TIMEOUT_S):
                 async with self._docker._query("_ping", versioned_api=False) as response:
                     return (await response.text()).strip() == "OK"
-        except (aiodocker.DockerError, aiohttp.ClientError, OSError):
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError):
             return False
 
     async def remove_leftovers(self, executor: str) -> int:
@@ -122,8 +144,12 @@ class _Run:
         context: RunContext,
         reporter: RunReporter,
         sink: ArtifactSink,
+        runtimes: DaemonRuntimes,
+        keeper_image: str = DEFAULT_KEEPER_IMAGE,
     ) -> None:
         self.docker = docker
+        self.runtimes = runtimes
+        self.keeper_image = keeper_image
         self.registry = registry
         self.context = context
         self.reporter = reporter
@@ -140,6 +166,7 @@ class _Run:
         self.timings = RunTimings()
         self.name: str | None = None  # of the container and the volume, once asked for
         self.container: DockerContainer | None = None
+        self.keeper_id: str | None = None  # holds the workspace tmpfs mounted
         self.exit_code: int | None = None
         self.started = time.monotonic()
         self.run_started = self.started
@@ -164,18 +191,27 @@ class _Run:
             self.log.warning("run_rejected reason=argument_not_allowed message=%s", exc)
             return self._outcome("rejected", "argument_not_allowed", str(exc))
 
+        # Before anything is created: a missing runtime (runsc) ends the run at once.
+        await self.runtimes.require(self.context.spec.runtime)
+
         started = time.monotonic()
-        image_id = await ensure_image(
-            self.docker, self.context.spec.image, self.registry, self.reporter
-        )
+        try:
+            image_id = await ensure_image(
+                self.docker, self.context.spec.image, self.registry, self.reporter
+            )
+        except ImageRefusedError as exc:
+            # Supply chain, not platform: the run is refused, not retried elsewhere.
+            self.log.warning("run_rejected reason=%s message=%s", exc.reason, exc.message)
+            return self._outcome("rejected", exc.reason, exc.message)
         self.timings.image_ms = _elapsed_ms(started)
 
         container = await self._create(image_id, argv)
         status, reason, message = await self._run_tool(container)
 
         started = time.monotonic()
+        # From the keeper: the tool's container no longer mounts the workspace.
         collected = await collect_outputs(
-            self.docker, container.id, self.context, self.reporter, self.sink, self.log
+            self.docker, self.keeper_id, self.context, self.reporter, self.sink, self.log
         )
         self.timings.collect_ms = _elapsed_ms(started)
         self.log.info(
@@ -188,22 +224,34 @@ class _Run:
         return self._outcome(status, reason, message)
 
     async def _create(self, image_id: str, argv: Argv) -> DockerContainer:
-        """Create the volume and the container, then fill the workspace."""
+        """Create the volume, start its keeper while creating the container, fill it."""
         started = time.monotonic()
         self.name = object_name(self.context.run_id)
-        await create_volume(self.docker, self.name, self.context.labels())
-        config = container_config(self.context, image_id, argv, self.name)
-        with docker_errors("create container"):
-            self.container = await self.docker.containers.create(config, name=self.name)
-        await upload_workspace(self.docker, self.container.id, workspace_archive(self.context))
+        await create_volume(self.docker, self.name, self.context)
+        keeper_id, self.container = await _both(
+            start_keeper(self.docker, self.context, self.keeper_image, self.name),
+            self._create_container(image_id, argv),
+        )
+        self.keeper_id = keeper_id
+        await upload_workspace(self.docker, keeper_id, workspace_archive(self.context))
 
         self.timings.create_ms = _elapsed_ms(started)
         await self.reporter.event(
             "container_created",
             duration_ms=self.timings.create_ms,
-            data={"container_id": self.container.id, "name": self.name, "image_id": image_id},
+            data={
+                "container_id": self.container.id,
+                "name": self.name,
+                "image_id": image_id,
+                "keeper_id": keeper_id,
+            },
         )
         return self.container
+
+    async def _create_container(self, image_id: str, argv: Argv) -> DockerContainer:
+        config = container_config(self.context, image_id, argv, self.name)
+        with docker_errors("create container"):
+            return await self.docker.containers.create(config, name=self.name)
 
     async def _run_tool(self, container: DockerContainer) -> tuple[RunStatus, str | None, str]:
         """Attach, start, wait; the tool's status, reason and message."""
@@ -294,7 +342,34 @@ class _Run:
             timed_out,
             self.timings.run_ms,
         )
-        return exit_status(self.exit_code, oom_killed, timed_out, self.context)
+        full = False
+        if self.exit_code != 0 and not (oom_killed or timed_out):
+            full = await self._workspace_filled()
+        return exit_status(self.exit_code, oom_killed, timed_out, self.context, full)
+
+    async def _workspace_filled(self) -> bool:
+        """Whether the workspace is full, reported as limit_hit: the likely cause of a failure.
+
+        ENOSPC itself is invisible from outside; a full tmpfs is what it leaves behind.
+        Asked only after a failure, since the exec costs some 70 ms.
+        """
+        try:
+            full = await workspace_full(self.docker, self.keeper_id)
+        except InfraError as exc:
+            # Only an explanation is lost: the tool's own exit code still classifies the run.
+            self.log.warning("workspace_not_measured error=%s", exc.message)
+            return False
+        if not full:
+            return False
+        workspace_bytes = self.context.limits.workspace_bytes
+        self.log.info("workspace_full limit_bytes=%d", workspace_bytes)
+        await self.reporter.event(
+            "limit_hit",
+            reason="workspace_bytes",
+            message=f"workspace of {workspace_bytes} bytes is full; writes past it failed",
+            data={"limit_bytes": workspace_bytes},
+        )
+        return True
 
     async def _remove(self) -> None:
         """Remove the container and the volume, whatever happened before."""
@@ -304,7 +379,10 @@ class _Run:
         try:
             async with asyncio.timeout(REMOVE_TIMEOUT_S):
                 # By name: a create cut short by cancellation may have left an unknown id.
-                await remove_container(self.docker, self.name)
+                await _both(
+                    remove_container(self.docker, self.name),
+                    remove_container(self.docker, keeper_name(self.name)),
+                )
                 await remove_volume(self.docker, self.name)
         except (InfraError, TimeoutError) as exc:
             self.log.error("run_cleanup_failed name=%s error=%s", self.name, exc)
@@ -334,7 +412,11 @@ class _Run:
 
 
 def exit_status(
-    exit_code: int | None, oom_killed: bool, timed_out: bool, context: RunContext
+    exit_code: int | None,
+    oom_killed: bool,
+    timed_out: bool,
+    context: RunContext,
+    workspace_full: bool = False,
 ) -> tuple[RunStatus, str | None, str]:
     """Status, reason and message of an exited tool; a timeout wins over what it caused."""
     if timed_out:
@@ -349,7 +431,23 @@ def exit_status(
         return "oom_killed", "memory_bytes", message
     if exit_code == 0:
         return "succeeded", None, "tool exited with code 0"
+    if workspace_full:
+        workspace_bytes = context.limits.workspace_bytes
+        message = (
+            f"tool exited with code {exit_code} after filling its workspace of "
+            f"{workspace_bytes} bytes"
+        )
+        return "limit_exceeded", "workspace_bytes", message
     return "failed", "exit_code", f"tool exited with code {exit_code}"
+
+
+async def _both(first: Coroutine[Any, Any, Any], second: Coroutine[Any, Any, Any]):
+    """Run two Docker steps at once; both end before the first error is raised."""
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 async def _shielded(cleanup: Coroutine[Any, Any, None]) -> None:

@@ -34,7 +34,14 @@ from shared.logs import RunLogger, bind
 from shared.service import answer_pings
 from shared.settings import Settings
 from shared.toolspec import ToolSpec
-from shared.wire import TERMINAL_STATUSES, RunEvent, RunResult, WorkItem, decode, to_builtins
+from shared.wire import (
+    TERMINAL_STATUSES,
+    RunRecord,
+    RunResult,
+    WorkItem,
+    decode,
+    to_builtins,
+)
 
 logger = logging.getLogger(__name__)
 _tracer = tracing.tracer(__name__)
@@ -65,7 +72,9 @@ class ExecutorService:
     async def start(self) -> None:
         if self._runner is None:
             self._docker = aiodocker.Docker(url=self._settings.docker_host)
-            self._runner = DockerRunner(self._docker, self._settings.registry)
+            self._runner = DockerRunner(
+                self._docker, self._settings.registry, self._settings.keeper_image
+            )
         self._nc = await jetstream.connect(self._settings, f"billy-executor-{self.executor}")
         js, buckets = await jetstream.declare(self._nc, self._settings)
         self._ledger = RunLedger(buckets.runs)
@@ -94,7 +103,9 @@ class ExecutorService:
             if pending:
                 await asyncio.wait(pending, timeout=30)
         if self._nc is not None:
-            await self._nc.drain()
+            # Every message taken has been acked or left for redelivery: nothing to drain,
+            # and draining a pull subscription waits out its timeout.
+            await self._nc.close()
         if self._docker is not None:
             await self._docker.close()
 
@@ -128,7 +139,8 @@ class ExecutorService:
             # Runs in progress hold the other slots; ask for as many runs as are free.
             batch = self._settings.executor_concurrency - len(self._runs)
             msgs = await self._sub.fetch(max(1, batch), timeout=FETCH_TIMEOUT_S)
-        except NatsTimeoutError:
+        except (NatsTimeoutError, TimeoutError):
+            # No work within the fetch timeout (nats-py raises either kind).
             self._slots.release()
             return
         except BaseException:
@@ -218,6 +230,10 @@ class ExecutorService:
             log.info("run_already_finished status=%s; acking redelivery", record.status)
             await msg.ack_sync()
             return
+        if record is None:
+            # Admission records a run before queueing it; never drop a run over a lost record.
+            log.warning("run_record_missing; recreating it from the work item")
+            await self._ledger.create(_queued_record(item, tracing.current_trace_id()))
         try:
             await self._ledger.mark_running(item.run_id, self.executor)
         except LedgerError as exc:
@@ -344,6 +360,19 @@ class ExecutorService:
         await msg.term()
 
 
+def _queued_record(item: WorkItem, trace_id: str | None) -> RunRecord:
+    return RunRecord(
+        run_id=item.run_id,
+        request_id=item.request_id,
+        tenant=item.tenant,
+        tool=item.tool,
+        status="queued",
+        created_at=item.queued_at,
+        updated_at=time.time(),
+        trace_id=trace_id,
+    )
+
+
 def _docker_vanished_before_start(outcome: RunOutcome) -> bool:
     return (
         outcome.status == "infra_error"
@@ -380,6 +409,3 @@ async def _in_progress(msg: Msg, interval_s: float):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-__all__ = ["ExecutorService", "RunEvent"]

@@ -193,7 +193,8 @@ async def test_valid_request_is_queued_with_work_item_ledger_record_and_event(ad
         "admission",
         TOOL,
     )
-    work_msg = await client.js.get_msg(subjects.WORK_STREAM, event.data["stream_seq"])
+    assert event.data == {"stream": subjects.WORK_STREAM}
+    work_msg = await client.js.get_last_msg(subjects.WORK_STREAM, subjects.WORK_SUBJECT)
     item = decode(work_msg.data, WorkItem)
     assert work_msg.headers[subjects.MSG_ID_HEADER] == reply.run_id
     assert (item.run_id, item.request_id, item.tenant, item.tool) == (
@@ -318,17 +319,17 @@ async def test_concurrent_duplicates_across_two_replicas_give_one_run(admission,
 
 
 def hold_first_admission(admission, monkeypatch) -> tuple[asyncio.Event, asyncio.Event]:
-    """Stop the admission that claimed a request_id just before it publishes."""
+    """Stop the first admission of a request_id just before it records its run."""
     held, release = asyncio.Event(), asyncio.Event()
-    enqueue = admission._enqueue
+    record_run = admission._record_run
 
-    async def held_enqueue(item, claim):
-        if claim.ours:
+    async def held_record_run(item):
+        if not held.is_set():
             held.set()
             await release.wait()
-        return await enqueue(item, claim)
+        return await record_run(item)
 
-    monkeypatch.setattr(admission, "_enqueue", held_enqueue)
+    monkeypatch.setattr(admission, "_record_run", held_record_run)
     return held, release
 
 

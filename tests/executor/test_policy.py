@@ -105,6 +105,25 @@ def test_writable_root_when_the_spec_allows_it(make_spec, make_context):
     assert config["HostConfig"]["ReadonlyRootfs"] is False
 
 
+def test_runtime_is_runc_unless_the_spec_asks_for_gvisor(config, make_spec, make_context):
+    assert config["HostConfig"]["Runtime"] == "runc"
+    spec = make_spec(["run"], runtime="runsc")
+    config = container_config(make_context(spec), "sha256:" + "cd" * 32, Argv(None, ["x"]), "v")
+    assert config["HostConfig"]["Runtime"] == "runsc"
+
+
+def test_gvisor_pids_limit_leaves_room_for_the_sandbox_threads(make_spec, make_context):
+    # runsc's own threads count in the container's pids cgroup; the tool keeps its 16.
+    context = make_context(make_spec(["run"], runtime="runsc"), pids=16)
+    config = container_config(context, "sha256:" + "cd" * 32, Argv(None, ["x"]), "v")
+    assert config["HostConfig"]["PidsLimit"] == 64 + 8 * 16
+
+
+def test_toolspec_rejects_an_unknown_runtime(make_spec):
+    with pytest.raises(ValueError, match="runtime"):
+        make_spec(["run"], runtime="kata")
+
+
 def test_resource_limits_come_from_the_effective_limits(config):
     host = config["HostConfig"]
     assert host["PidsLimit"] == 64
@@ -114,7 +133,29 @@ def test_resource_limits_come_from_the_effective_limits(config):
     assert host["Ulimits"] == [
         {"Name": "nofile", "Soft": 1024, "Hard": 1024},
         {"Name": "core", "Soft": 0, "Hard": 0},
+        {"Name": "fsize", "Soft": 100 * MiB, "Hard": 100 * MiB},
     ]
+
+
+def test_no_file_may_outgrow_the_largest_filesystem_the_tool_is_given(make_spec, make_context):
+    spec = make_spec(["run"])
+    ulimits = {
+        limit["Name"]: limit
+        for limit in container_config(
+            make_context(spec, workspace_bytes=32 * MiB, tmp_bytes=48 * MiB),
+            "sha256:" + "cd" * 32,
+            Argv(None, ["x"]),
+            "v",
+        )["HostConfig"]["Ulimits"]
+    }
+    assert ulimits["fsize"] == {"Name": "fsize", "Soft": 48 * MiB, "Hard": 48 * MiB}
+
+
+def test_nproc_is_not_set_since_it_counts_the_uid_across_the_host(config):
+    # PidsLimit bounds each container; RLIMIT_NPROC would add up every container of uid 65534.
+    names = [limit["Name"] for limit in config["HostConfig"]["Ulimits"]]
+    assert "nproc" not in names
+    assert config["HostConfig"]["PidsLimit"] == 64
 
 
 def test_namespaces_are_private_and_init_reaps_zombies(config):

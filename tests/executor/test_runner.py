@@ -13,6 +13,7 @@ import tracemalloc
 
 import aiodocker
 import pytest
+from aiodocker.containers import DockerContainer
 
 from services.executor.collector import archive_entries, compile_patterns
 from services.executor.image import pinned_reference
@@ -61,6 +62,12 @@ def spec_for(make_spec, image_ids):
 
 def shell(script: str, *args: str) -> list[str]:
     return ["sh", "-c", script, "sh", *args]
+
+
+def tool_container(docker: aiodocker.Docker, reporter) -> DockerContainer:
+    """The tool's container (not its workspace keeper), by the id container_created gave."""
+    [created] = reporter.of_type("container_created")
+    return DockerContainer(docker, id=created.data["container_id"])
 
 
 # --- statuses ---------------------------------------------------------------------------
@@ -249,9 +256,7 @@ async def test_running_container_shows_every_hardening_item(
     seen = {}
 
     async def inspect_while_running():
-        label = f"billy.run_id={context.run_id}"
-        [container] = await docker.containers.list(filters={"label": [label]})
-        seen["container"] = await container.show()
+        seen["container"] = await tool_container(docker, reporter).show()
 
     reporter.hooks["container_started"] = inspect_while_running
     outcome = await runner.run(context, reporter, sink)
@@ -296,9 +301,11 @@ async def test_running_container_shows_every_hardening_item(
     assert host["PidsLimit"] == 48
     assert host["Memory"] == host["MemorySwap"] == 96 * MiB
     assert host["NanoCpus"] == 500_000_000
+    fsize = max(context.limits.workspace_bytes, context.limits.tmp_bytes)
     assert host["Ulimits"] == [
         {"Name": "nofile", "Soft": 1024, "Hard": 1024},
         {"Name": "core", "Soft": 0, "Hard": 0},
+        {"Name": "fsize", "Soft": fsize, "Hard": fsize},
     ]
     assert host["Init"] is True
     assert host["IpcMode"] == "private"
@@ -315,23 +322,85 @@ async def test_running_container_shows_every_hardening_item(
     assert "docker.sock" not in repr(inspected["Mounts"])
 
 
-async def test_workspace_volume_is_local_and_labelled_like_the_run(
+async def test_workspace_volume_is_a_tmpfs_of_workspace_bytes_labelled_like_the_run(
     docker, runner, spec_for, make_context, reporter, sink
 ):
-    context = make_context(spec_for(["true"]))
+    context = make_context(spec_for(["true"]), workspace_bytes=2 * MiB)
     seen = {}
 
-    async def show_volume():
+    async def show_volume_and_keeper():
         label = f"billy.run_id={context.run_id}"
-        volumes = (await docker.volumes.list(filters={"label": [label]}))["Volumes"]
-        seen["volumes"] = volumes
+        seen["volumes"] = (await docker.volumes.list(filters={"label": [label]}))["Volumes"]
+        [created] = reporter.of_type("container_created")
+        keeper = DockerContainer(docker, id=created.data["keeper_id"])
+        seen["keeper"] = await keeper.show()
 
-    reporter.hooks["container_started"] = show_volume
+    reporter.hooks["container_started"] = show_volume_and_keeper
     await runner.run(context, reporter, sink)
 
     [volume] = seen["volumes"]
     assert volume["Driver"] == "local"
     assert volume["Labels"] == context.labels()
+    assert volume["Options"] == {
+        "type": "tmpfs",
+        "device": "tmpfs",
+        "o": f"size={2 * MiB},uid=0,gid=0,mode=0755,nosuid,nodev",
+    }
+    keeper = seen["keeper"]
+    assert keeper["State"]["Running"] is True
+    assert keeper["Config"]["Labels"] == {**context.labels(), "billy.role": "workspace-keeper"}
+    assert keeper["Config"]["User"] == "65534:65534"
+    host = keeper["HostConfig"]
+    assert host["NetworkMode"] == "none"
+    assert host["CapDrop"] == ["ALL"]
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["ReadonlyRootfs"] is True
+    assert host["Memory"] == host["MemorySwap"] == 16 * MiB
+    assert host["PidsLimit"] == 8
+    [mount] = keeper["Mounts"]
+    assert (mount["Type"], mount["Name"], mount["Destination"]) == (
+        "volume",
+        volume["Name"],
+        "/workspace",
+    )
+
+
+async def test_writing_past_the_workspace_size_fails_with_enospc_as_limit_exceeded(
+    runner, spec_for, make_context, reporter, sink
+):
+    script = "echo kept > out/small.txt; head -c 3000000 /dev/zero > out/big.bin"
+    context = make_context(spec_for(shell(script)), workspace_bytes=MiB)
+
+    outcome = await runner.run(context, reporter, sink)
+
+    assert (outcome.status, outcome.reason, outcome.exit_code) == (
+        "limit_exceeded",
+        "workspace_bytes",
+        1,
+    )
+    assert outcome.message == (
+        f"tool exited with code 1 after filling its workspace of {MiB} bytes"
+    )
+    # busybox head words ENOSPC as "I/O error"; the tool's own error is kept either way.
+    assert outcome.stderr.startswith(b"head: ")
+    [hit] = reporter.of_type("limit_hit")
+    assert (hit.reason, hit.data) == ("workspace_bytes", {"limit_bytes": MiB})
+    # What fitted is still collected after the tool exited: the keeper held the tmpfs.
+    offered = sink.by_path()
+    assert offered["small.txt"][1] == b"kept\n"
+    assert offered["big.bin"][0].size_bytes < MiB
+
+
+async def test_failure_with_room_left_in_the_workspace_stays_failed(
+    runner, spec_for, make_context, reporter, sink
+):
+    script = "head -c 100000 /dev/zero > out/some.bin; exit 4"
+    context = make_context(spec_for(shell(script)), workspace_bytes=MiB)
+
+    outcome = await runner.run(context, reporter, sink)
+
+    assert (outcome.status, outcome.reason, outcome.exit_code) == ("failed", "exit_code", 4)
+    assert reporter.of_type("limit_hit") == []
 
 
 # --- artifacts --------------------------------------------------------------------------
@@ -418,18 +487,31 @@ async def test_output_archive_over_its_cap_offers_only_what_was_fully_received(
 # --- image ------------------------------------------------------------------------------
 
 
-async def test_image_id_mismatch_is_infra_error_image_unavailable(
+async def test_image_under_the_tag_with_another_id_is_rejected_as_digest_mismatch(
     runner, make_spec, make_context, reporter, sink, image_ids
 ):
     context = make_context(make_spec(["true"], ref=BUSYBOX, image_id=UNKNOWN_ID))
 
     outcome = await runner.run(context, reporter, sink)
 
-    assert (outcome.status, outcome.reason) == ("infra_error", "image_unavailable")
+    assert (outcome.status, outcome.reason) == ("rejected", "image_digest_mismatch")
     assert outcome.message == (
-        f"image {BUSYBOX}: expected id {UNKNOWN_ID}, found {image_ids[BUSYBOX]}"
+        f"image {BUSYBOX}: expected id {UNKNOWN_ID}, found id {image_ids[BUSYBOX]}"
     )
     assert reporter.events == []
+
+
+async def test_missing_image_without_a_registry_is_image_unavailable(
+    runner, make_spec, make_context, reporter, sink
+):
+    context = make_context(make_spec(["true"], ref="billy-test/absent:1.0", image_id=UNKNOWN_ID))
+
+    outcome = await runner.run(context, reporter, sink)
+
+    assert (outcome.status, outcome.reason) == ("infra_error", "image_unavailable")
+    assert outcome.message == (
+        "image billy-test/absent:1.0: no such image; run `billy-tools images build`"
+    )
 
 
 async def test_image_without_recorded_id_is_refused(
@@ -468,9 +550,7 @@ async def test_container_is_created_from_the_verified_image_id_not_the_tag(
     seen = {}
 
     async def image_of_container():
-        label = f"billy.run_id={context.run_id}"
-        [container] = await docker.containers.list(filters={"label": [label]})
-        seen["image"] = (await container.show())["Config"]["Image"]
+        seen["image"] = (await tool_container(docker, reporter).show())["Config"]["Image"]
 
     reporter.hooks["container_started"] = image_of_container
     await runner.run(context, reporter, sink)

@@ -1,0 +1,1 @@
+"""Benchmarks of billy-tools; `make bench` runs bench/run.py."""
