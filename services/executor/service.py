@@ -31,6 +31,7 @@ from shared.errors import LedgerError, WireError
 from shared.events import EventPublisher
 from shared.ledger import RunLedger
 from shared.logs import RunLogger, bind
+from shared.operator_policy import PolicyViolation, describe, policy_of
 from shared.service import answer_pings
 from shared.settings import Settings
 from shared.toolspec import ToolSpec
@@ -75,6 +76,9 @@ class ExecutorService:
             self._runner = DockerRunner(
                 self._docker, self._settings.registry, self._settings.keeper_image
             )
+        # Admission enforces the operator policy; the executor checks again so that a
+        # work item published by anything else cannot widen what a container gets.
+        self._policy = policy_of(self._settings)
         self._nc = await jetstream.connect(self._settings, f"billy-executor-{self.executor}")
         js, buckets = await jetstream.declare(self._nc, self._settings)
         self._ledger = RunLedger(buckets.runs)
@@ -263,6 +267,13 @@ class ExecutorService:
             verdict = Verdict("rejected", "invalid_spec", f"ToolSpec in work item: {exc}")
             await self._finish_without_outcome(msg, item, verdict, log)
             return
+        violations = self._policy.check_toolspec(spec) + limits_beyond_spec(item, spec)
+        if violations:
+            message = f"work item refused by the executor: {describe(violations)}"
+            await self._finish_without_outcome(
+                msg, item, Verdict("rejected", "policy_violation", message), log
+            )
+            return
 
         handoff = ArtifactHandoff(
             self._nc,
@@ -358,6 +369,29 @@ class ExecutorService:
         run_id = (msg.headers or {}).get(subjects.RUN_ID_HEADER)
         logger.error("work_item_malformed run_id=%s error=%s", run_id, error)
         await msg.term()
+
+
+def limits_beyond_spec(item: WorkItem, spec: ToolSpec) -> list[PolicyViolation]:
+    """Limits of a work item above its own ToolSpec's (admission only ever lowers them)."""
+    spec_limits = spec.limits
+    allowed = {
+        "cpus": spec_limits.cpus,
+        "memory_bytes": spec_limits.memory_bytes,
+        "pids": spec_limits.pids,
+        "timeout_s": spec_limits.timeout.max_s,
+        "stdout_bytes": spec_limits.stdout_bytes,
+        "stderr_bytes": spec_limits.stderr_bytes,
+        "artifact_bytes": spec_limits.artifact_bytes,
+        "artifacts_total_bytes": spec_limits.artifacts_total_bytes,
+        "artifact_count": spec_limits.artifact_count,
+        "workspace_bytes": spec_limits.workspace_bytes,
+        "tmp_bytes": spec.filesystem.tmp_bytes,
+    }
+    return [
+        PolicyViolation(item.tool, f"limits.{name}", getattr(item.limits, name), cap)
+        for name, cap in allowed.items()
+        if getattr(item.limits, name) > cap
+    ]
 
 
 def _queued_record(item: WorkItem, trace_id: str | None) -> RunRecord:

@@ -4,14 +4,16 @@ artifacts -> events and result."""
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from services.admission.limits import effective_limits
 from shared import subjects
 from shared.client import RunRejected
-from shared.wire import AdmissionReply, RequestedLimits, decode
+from shared.wire import AdmissionReply, RequestedLimits, WorkItem, decode, encode
 from tests.conftest import collect_events
 
 DOCUMENT = Path("/usr/share/common-licenses/GPL-3")
@@ -178,3 +180,30 @@ async def test_malformed_request_is_answered_and_admission_keeps_serving(client)
     result = await client.run("echo", {"message": "still serving"}, result_timeout_s=60)
     assert result.status == "succeeded"
     assert "still serving" in result.stdout
+
+
+async def test_forged_work_item_beyond_its_spec_is_refused_by_the_executor(client, catalog):
+    spec = catalog.get("echo")
+    limits = effective_limits(spec, None)
+    limits.memory_bytes = spec.limits.memory_bytes * 16
+    run_id = uuid.uuid4().hex
+    item = WorkItem(
+        run_id=run_id,
+        request_id=f"forged-{run_id}",
+        tenant="default",
+        tool="echo",
+        spec=spec.model_dump(mode="json"),
+        arguments={"message": "forged"},
+        limits=limits,
+        queued_at=time.time(),
+    )
+    # Published straight to the work stream, as something other than admission might.
+    await client.nc.jetstream().publish(subjects.WORK_SUBJECT, encode(item))
+
+    result = await client.result(run_id, timeout_s=RESULT_TIMEOUT_S)
+
+    assert result.status == "rejected"
+    assert result.reason == "policy_violation"
+    assert "limits.memory_bytes" in result.message
+    events = await collect_events(client, run_id)
+    assert "container_created" not in [e.type for e in events]
