@@ -230,6 +230,7 @@ EOF
 
 # `make images` pushes to the address in $registry_dir/address; no file, no push.
 start_registry() {
+  mkdir -p "$registry_dir"
   rm -f "$registry_dir/address"
   if [ ! -x /usr/bin/docker-registry ]; then
     say "registry: docker-registry is not installed; tool images stay local"
