@@ -14,20 +14,26 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _propagator = TraceContextTextMapPropagator()
 _configured = False
 
 
-def configure(service: str) -> None:
-    """Install the tracer provider once per process; OTLP export when configured."""
+def configure(service: str, exporter: SpanExporter | None = None) -> None:
+    """Install the tracer provider once per process; OTLP export when configured.
+
+    `exporter` adds one more destination, exported synchronously (tests use an in-memory
+    one).
+    """
     global _configured
     if _configured:
         return
     _configured = True
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    if exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import aiodocker
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.admission.service import AdmissionService
 from services.artifacts.service import ArtifactsService
 from services.executor.service import ExecutorService
+from shared import tracing
 from shared.client import BillyToolsClient
 from shared.settings import REPO_ROOT, Settings
 from shared.toolspec import ToolCatalog
@@ -156,6 +158,14 @@ async def wait_for(predicate, timeout_s: float = 10.0, interval_s: float = 0.05)
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         await asyncio.sleep(interval_s)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def spans() -> InMemorySpanExporter:
+    """The real OpenTelemetry SDK, as the services configure it, recording in memory."""
+    exporter = InMemorySpanExporter()
+    tracing.configure("billy-tools-tests", exporter=exporter)
+    return exporter
 
 
 @pytest.fixture(scope="session", autouse=True)

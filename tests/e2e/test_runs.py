@@ -14,7 +14,7 @@ from services.admission.limits import effective_limits
 from shared import subjects
 from shared.client import RunRejected
 from shared.wire import AdmissionReply, RequestedLimits, WorkItem, decode, encode
-from tests.conftest import collect_events
+from tests.conftest import collect_events, wait_for
 
 DOCUMENT = Path("/usr/share/common-licenses/GPL-3")
 RESULT_TIMEOUT_S = 90
@@ -207,3 +207,33 @@ async def test_forged_work_item_beyond_its_spec_is_refused_by_the_executor(clien
     assert "limits.memory_bytes" in result.message
     events = await collect_events(client, run_id)
     assert "container_created" not in [e.type for e in events]
+
+
+async def test_spans_cover_the_whole_path_in_one_trace(client, spans):
+    trace_id = uuid.uuid4().hex
+    traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
+    script = 'echo data > "$BILLY_OUTPUT_DIR/out.txt"'
+    reply = await client.submit("shell", {"script": script}, traceparent=traceparent)
+    result = await client.result(reply.run_id, timeout_s=RESULT_TIMEOUT_S)
+    assert result.status == "succeeded"
+
+    def names() -> set[str]:
+        return {
+            span.name
+            for span in spans.get_finished_spans()
+            if format(span.context.trace_id, "032x") == trace_id
+        }
+
+    # The run's own span closes after the result is recorded and the work item acked.
+    await wait_for(lambda: "billy.run" in names(), timeout_s=10)
+    assert {
+        "billy.submit",
+        "billy.admission",
+        "billy.queue",
+        "billy.run",
+        "billy.image.ensure",
+        "billy.container.create",
+        "billy.container.start",
+        "billy.container.wait",
+        "billy.artifact.store",
+    } <= names()
