@@ -59,9 +59,15 @@ async def answer_pings(nc: NATS, service: str, instance: str) -> None:
 
 def start_metrics(port: int, service: str) -> None:
     """Serve Prometheus metrics on `port` (0 leaves them unserved)."""
-    if port:
+    if not port:
+        return
+    try:
         start_http_server(port)
-        logger.info("metrics_serving service=%s port=%d", service, port)
+    except OSError as exc:
+        # Metrics are worth a warning, not a service that refuses to run.
+        logger.warning("metrics_unavailable service=%s port=%d error=%s", service, port, exc)
+        return
+    logger.info("metrics_serving service=%s port=%d", service, port)
 
 
 async def serve(service: Service, settings: Settings, metrics_port: int) -> None:

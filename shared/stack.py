@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -227,14 +228,26 @@ def write_nats_config(paths: StackPaths, host: str, port: int) -> Path:
     return config
 
 
+# Where the embedded stack serves Prometheus metrics, unless settings name other ports.
+EMBEDDED_METRICS_PORTS = {
+    "admission_metrics_port": 9471,
+    "executor_metrics_port": 9472,
+    "artifacts_metrics_port": 9473,
+}
+
+
 def service_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a service process exactly these settings."""
     env = dict(os.environ)
+    defaults = {
+        # A stable name lets the next executor remove what a crashed one left behind.
+        "executor_name": f"{socket.gethostname()}-embedded",
+        **EMBEDDED_METRICS_PORTS,
+    }
     for field in Settings.model_fields:
-        # A default executor name embeds the CLI's pid; let the executor pick its own.
-        if field == "executor_name" and field not in settings.model_fields_set:
-            continue
         value = getattr(settings, field)
+        if field in defaults and field not in settings.model_fields_set:
+            value = defaults[field]
         if value is None:
             continue
         if isinstance(value, SecretStr):
