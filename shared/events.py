@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from nats.js import JetStreamContext
 
 from shared import subjects, tracing
+from shared.retry import through_outages
 from shared.wire import RunEvent, encode
 
 logger = logging.getLogger(__name__)
@@ -21,10 +23,14 @@ class EventPublisher:
 
     async def emit(self, event: RunEvent) -> None:
         event.source = event.source or self._source
-        headers = tracing.inject({subjects.RUN_ID_HEADER: event.run_id})
-        await self._js.publish(
-            subjects.events_subject(event.tenant, event.run_id),
-            encode(event),
-            headers=headers,
+        # A retry after a lost ack carries the same message id, so the stream keeps one copy.
+        headers = tracing.inject(
+            {subjects.RUN_ID_HEADER: event.run_id, subjects.MSG_ID_HEADER: uuid.uuid4().hex}
+        )
+        subject = subjects.events_subject(event.tenant, event.run_id)
+        payload = encode(event)
+        await through_outages(
+            lambda: self._js.publish(subject, payload, headers=headers),
+            f"event {event.type} of run {event.run_id}",
         )
         logger.debug("event_published type=%s run_id=%s", event.type, event.run_id)

@@ -15,6 +15,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from shared.errors import LedgerError
+from shared.retry import through_outages
 from shared.wire import TERMINAL_STATUSES, RunRecord, RunResult, decode, encode
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,10 @@ class RunLedger:
     async def create(self, record: RunRecord) -> None:
         """Record a new run; an existing record with that run_id is left as it is."""
         try:
-            await self._runs.create(record.run_id, encode(record))
+            await through_outages(
+                lambda: self._runs.create(record.run_id, encode(record)),
+                f"ledger create {record.run_id}",
+            )
         except KeyWrongLastSequenceError:
             logger.debug("ledger_exists run_id=%s", record.run_id)
 
@@ -92,7 +96,7 @@ class RunLedger:
 
     async def _get(self, run_id: str) -> tuple[RunRecord | None, int]:
         try:
-            entry = await self._runs.get(run_id)
+            entry = await through_outages(lambda: self._runs.get(run_id), f"ledger get {run_id}")
         except KeyNotFoundError:
             return None, 0
         if entry.value is None:
@@ -100,11 +104,16 @@ class RunLedger:
         return decode(entry.value, RunRecord), entry.revision or 0
 
     async def _update(self, run_id: str, record: RunRecord, revision: int) -> bool:
-        try:
+        value = encode(record)
+
+        async def write() -> None:
             if revision:
-                await self._runs.update(run_id, encode(record), last=revision)
+                await self._runs.update(run_id, value, last=revision)
             else:
-                await self._runs.create(run_id, encode(record))
+                await self._runs.create(run_id, value)
+
+        try:
+            await through_outages(write, f"ledger update {run_id}")
         except KeyWrongLastSequenceError:
             return False
         return True

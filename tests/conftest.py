@@ -4,6 +4,7 @@ store, and the real Docker daemon. Each fixture removes what it created."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -186,22 +187,32 @@ def catalog() -> ToolCatalog:
     return ToolCatalog.load(REPO_ROOT / "tool-images", TEST_TOOLS_DIR)
 
 
-@pytest.fixture(scope="session")
-async def stack(settings, catalog, docker):
-    """The three services in this process, started in order and stopped in reverse."""
+@contextlib.asynccontextmanager
+async def running(*services):
+    """Start services in order; stop those started, in reverse, whatever happens."""
     started = []
     try:
-        for service in (
-            ArtifactsService(settings),
-            AdmissionService(settings, catalog),
-            ExecutorService(settings),
-        ):
+        for service in services:
             await service.start()
             started.append(service)
-        yield started
+        yield services
     finally:
         for service in reversed(started):
             await service.stop()
+
+
+def whole_stack(settings: Settings, catalog: ToolCatalog):
+    """Artifacts, admission and an executor in this process, as a context manager."""
+    return running(
+        ArtifactsService(settings), AdmissionService(settings, catalog), ExecutorService(settings)
+    )
+
+
+@pytest.fixture(scope="session")
+async def stack(settings, catalog, docker):
+    """The three services in this process for the whole session."""
+    async with whole_stack(settings, catalog) as services:
+        yield services
     leftovers = await managed_leftovers(docker, settings.executor_name)
     assert leftovers == {"containers": [], "volumes": [], "networks": []}
 

@@ -12,9 +12,6 @@ from pathlib import Path
 import aiodocker
 import pytest
 
-from services.admission.service import AdmissionService
-from services.artifacts.service import ArtifactsService
-from services.executor.service import ExecutorService
 from shared import subjects
 from shared.client import (
     AdmissionUnavailable,
@@ -30,7 +27,13 @@ from shared.images import build_images
 from shared.settings import Settings
 from shared.toolspec import ToolCatalog
 from shared.wire import ArtifactRef
-from tests.conftest import TEST_TOOLS_DIR, NatsServer, free_port, managed_leftovers
+from tests.conftest import (
+    TEST_TOOLS_DIR,
+    NatsServer,
+    free_port,
+    managed_leftovers,
+    whole_stack,
+)
 
 RESULT_TIMEOUT_S = 60
 
@@ -75,19 +78,8 @@ async def services(client_settings: Settings, docker: aiodocker.Docker):
     """Admission, artifacts and an executor, started in order and stopped in reverse."""
     await ensure_test_images(docker, client_settings)
     catalog = ToolCatalog.load(TEST_TOOLS_DIR)
-    started = []
-    try:
-        for service in (
-            ArtifactsService(client_settings),
-            AdmissionService(client_settings, catalog),
-            ExecutorService(client_settings),
-        ):
-            await service.start()
-            started.append(service)
+    async with whole_stack(client_settings, catalog) as started:
         yield started
-    finally:
-        for service in reversed(started):
-            await service.stop()
     leftovers = await managed_leftovers(docker, client_settings.executor_name)
     assert leftovers == {"containers": [], "volumes": [], "networks": []}
 

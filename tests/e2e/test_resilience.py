@@ -6,7 +6,6 @@ Each test runs its own nats-server and services, so that it can break them freel
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import pytest
 
@@ -20,23 +19,10 @@ from tests.conftest import (
     NatsServer,
     collect_events,
     managed_leftovers,
+    running,
     session_executor_name,
     wait_for,
 )
-
-
-@contextlib.asynccontextmanager
-async def running(*services):
-    """Start services in order; stop them in reverse whatever happens."""
-    started = []
-    try:
-        for service in services:
-            await service.start()
-            started.append(service)
-        yield services
-    finally:
-        for service in reversed(started):
-            await service.stop()
 
 
 @pytest.fixture
