@@ -219,60 +219,23 @@ class ExecutorService:
                 await self._finish_without_outcome(msg, item, verdict, log)
 
     async def _execute(self, msg: Msg, item: WorkItem, log: RunLogger) -> None:
+        """One delivery of a run: claim it, check it, run it, record its result."""
         started = time.time()
         attempt = msg.metadata.num_delivered or 1
-        if attempt > self._settings.executor_max_deliveries:
-            message = f"delivered {attempt} times; the limit is " + str(
-                self._settings.executor_max_deliveries
-            )
-            await self._finish_without_outcome(
-                msg, item, Verdict("infra_error", "redelivery_limit", message), log
-            )
-            return
-        record = await self._ledger.get(item.run_id)
-        if record is not None and record.status in TERMINAL_STATUSES:
-            log.info("run_already_finished status=%s; acking redelivery", record.status)
-            await msg.ack_sync()
-            return
-        if record is None:
-            # Admission records a run before queueing it; never drop a run over a lost record.
-            log.warning("run_record_missing; recreating it from the work item")
-            await self._ledger.create(_queued_record(item, tracing.current_trace_id()))
-        try:
-            await self._ledger.mark_running(item.run_id, self.executor)
-        except LedgerError as exc:
-            log.info("run_not_runnable reason=%s; acking", exc)
-            await msg.ack_sync()
+        if not await self._claim_run(msg, item, attempt, log):
             return
 
         queued_s = max(0.0, started - item.queued_at)
         metrics.QUEUE_WAIT.observe(queued_s)
-        reporter = EventReporter(
-            self._events,
-            run_id=item.run_id,
-            tenant=item.tenant,
-            tool=item.tool,
-            trace_id=tracing.current_trace_id(),
-            log=log,
-        )
+        reporter = self._reporter(item, log)
         await reporter.event(
             "dequeued",
             duration_ms=round(queued_s * 1000, 3),
             data={"attempt": attempt, "executor": self.executor},
         )
 
-        try:
-            spec = ToolSpec.model_validate(item.spec)
-        except ValidationError as exc:
-            verdict = Verdict("rejected", "invalid_spec", f"ToolSpec in work item: {exc}")
-            await self._finish_without_outcome(msg, item, verdict, log)
-            return
-        violations = self._policy.check_toolspec(spec) + limits_beyond_spec(item, spec)
-        if violations:
-            message = f"work item refused by the executor: {describe(violations)}"
-            await self._finish_without_outcome(
-                msg, item, Verdict("rejected", "policy_violation", message), log
-            )
+        spec = await self._checked_spec(msg, item, log)
+        if spec is None:
             return
 
         handoff = ArtifactHandoff(
@@ -283,19 +246,8 @@ class ExecutorService:
             tool=item.tool,
             limits=item.limits,
         )
-        context = RunContext(
-            run_id=item.run_id,
-            tenant=item.tenant,
-            tool=item.tool,
-            executor=self.executor,
-            spec=spec,
-            arguments=item.arguments,
-            inputs=item.inputs,
-            limits=item.limits,
-            trace_env=tracing.container_env(),
-        )
         async with _in_progress(msg, self._settings.executor_progress_interval_s):
-            outcome = await self._runner.run(context, reporter, handoff)
+            outcome = await self._runner.run(self._context(item, spec), reporter, handoff)
 
         if (
             _docker_vanished_before_start(outcome)
@@ -321,6 +273,73 @@ class ExecutorService:
         )
         await self._record(msg, result, reporter, log, time.time() - started)
 
+    async def _claim_run(self, msg: Msg, item: WorkItem, attempt: int, log: RunLogger) -> bool:
+        """Move the run to running; False when this delivery has nothing (more) to run."""
+        limit = self._settings.executor_max_deliveries
+        if attempt > limit:
+            message = f"delivered {attempt} times; the limit is {limit}"
+            verdict = Verdict("infra_error", "redelivery_limit", message)
+            await self._finish_without_outcome(msg, item, verdict, log)
+            return False
+
+        record = await self._ledger.get(item.run_id)
+        if record is not None and record.status in TERMINAL_STATUSES:
+            log.info("run_already_finished status=%s; acking redelivery", record.status)
+            await msg.ack_sync()
+            return False
+        if record is None:
+            # Admission records a run before queueing it; never drop a run over a lost record.
+            log.warning("run_record_missing; recreating it from the work item")
+            await self._ledger.create(_queued_record(item, tracing.current_trace_id()))
+
+        try:
+            await self._ledger.mark_running(item.run_id, self.executor)
+        except LedgerError as exc:
+            log.info("run_not_runnable reason=%s; acking", exc)
+            await msg.ack_sync()
+            return False
+        return True
+
+    async def _checked_spec(self, msg: Msg, item: WorkItem, log: RunLogger) -> ToolSpec | None:
+        """The work item's ToolSpec, or None after refusing the run (invalid, or beyond policy)."""
+        try:
+            spec = ToolSpec.model_validate(item.spec)
+        except ValidationError as exc:
+            verdict = Verdict("rejected", "invalid_spec", f"ToolSpec in work item: {exc}")
+            await self._finish_without_outcome(msg, item, verdict, log)
+            return None
+
+        violations = self._policy.check_toolspec(spec) + limits_beyond_spec(item, spec)
+        if violations:
+            message = f"work item refused by the executor: {describe(violations)}"
+            verdict = Verdict("rejected", "policy_violation", message)
+            await self._finish_without_outcome(msg, item, verdict, log)
+            return None
+        return spec
+
+    def _context(self, item: WorkItem, spec: ToolSpec) -> RunContext:
+        return RunContext(
+            run_id=item.run_id,
+            tenant=item.tenant,
+            tool=item.tool,
+            executor=self.executor,
+            spec=spec,
+            arguments=item.arguments,
+            inputs=item.inputs,
+            limits=item.limits,
+            trace_env=tracing.container_env(),
+        )
+
+    def _reporter(self, item: WorkItem, log: RunLogger) -> EventReporter:
+        return EventReporter(
+            self._events,
+            run_id=item.run_id,
+            tenant=item.tenant,
+            tool=item.tool,
+            trace_id=tracing.current_trace_id(),
+            log=log,
+        )
+
     async def _finish_without_outcome(
         self, msg: Msg, item: WorkItem, verdict: Verdict, log: RunLogger
     ) -> None:
@@ -336,15 +355,7 @@ class ExecutorService:
             trace_id=tracing.current_trace_id(),
             finished_at=time.time(),
         )
-        reporter = EventReporter(
-            self._events,
-            run_id=item.run_id,
-            tenant=item.tenant,
-            tool=item.tool,
-            trace_id=result.trace_id,
-            log=log,
-        )
-        await self._record(msg, result, reporter, log, 0.0)
+        await self._record(msg, result, self._reporter(item, log), log, 0.0)
 
     async def _record(
         self, msg: Msg, result: RunResult, reporter: EventReporter, log: RunLogger, elapsed_s
