@@ -536,6 +536,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="runs per level: one number for every level, or one per level",
     )
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP_RUNS)
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the services' logs even on success"
+    )
     args = parser.parse_args(argv)
     args.levels = [int(level) for level in args.levels.split(",")]
     args.runs = [int(runs) for runs in args.runs.split(",")]
@@ -558,6 +561,10 @@ async def bench(args: argparse.Namespace, root: Path) -> int:
         state_dir=root / "state",
         executor_name=f"bench-{session}",
         executor_concurrency=args.levels[0],
+        # Named, so that the stack does not claim its fixed metrics ports (others use them).
+        admission_metrics_port=0,
+        executor_metrics_port=0,
+        artifacts_metrics_port=0,
     )
     bare = BareDocker(spec, session)
     docker_version = await docker_cli("version", "--format", "{{.Server.Version}}")
@@ -602,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench failed: {exc}", file=sys.stderr)
     finally:
         # Keep the services' logs when something went wrong.
-        if code == 0:
+        if code == 0 and not args.keep_logs:
             shutil.rmtree(root, ignore_errors=True)
         else:
             print(f"logs kept in {root / 'state' / 'logs'}", file=sys.stderr)
