@@ -171,15 +171,21 @@ def spans() -> InMemorySpanExporter:
 
 @pytest.fixture(scope="session", autouse=True)
 async def no_managed_leftovers_after_the_suite():
-    """Nothing labelled billy.managed by this session may remain once every test has run.
+    """Nothing labelled billy.managed may remain once every test has run.
 
-    In CI nothing else runs, so there this covers every billy.managed object.
+    In CI nothing else runs, so there every billy.managed object counts, whoever labelled
+    it (doctor canaries, bench runs, CLI stacks), except what was already there before the
+    suite started; elsewhere only this session's executors count, since other sessions may
+    be running.
     """
-    yield
     prefix = None if os.environ.get("CI") else SESSION_PREFIX
     async with aiodocker.Docker(url=os.environ.get("DOCKER_HOST")) as client:
-        leftovers = await managed_leftovers(client, executor_prefix=prefix)
-    assert leftovers == {"containers": [], "volumes": [], "networks": []}, leftovers
+        before = await managed_leftovers(client, executor_prefix=prefix)
+    yield
+    async with aiodocker.Docker(url=os.environ.get("DOCKER_HOST")) as client:
+        after = await managed_leftovers(client, executor_prefix=prefix)
+    left = {kind: sorted(set(after[kind]) - set(before[kind])) for kind in after}
+    assert left == {"containers": [], "volumes": [], "networks": []}, left
 
 
 @pytest.fixture(scope="session")
