@@ -57,12 +57,12 @@ async def answer_pings(nc: NATS, service: str, instance: str) -> None:
     await nc.subscribe(ping_subject(service), cb=on_ping)
 
 
-def start_metrics(port: int, service: str) -> None:
-    """Serve Prometheus metrics on `port` (0 leaves them unserved)."""
+def start_metrics(port: int, service: str, addr: str = "127.0.0.1") -> None:
+    """Serve Prometheus metrics on `addr:port` (port 0 leaves them unserved)."""
     if not port:
         return
     try:
-        start_http_server(port)
+        start_http_server(port, addr=addr)
     except OSError as exc:
         # Metrics are worth a warning, not a service that refuses to run.
         logger.warning("metrics_unavailable service=%s port=%d error=%s", service, port, exc)
@@ -74,7 +74,7 @@ async def serve(service: Service, settings: Settings, metrics_port: int) -> None
     """Run `service` until SIGTERM or SIGINT, then stop it cleanly."""
     logs.configure(settings.log_level, service.name)
     tracing.configure(f"billy-{service.name}")
-    start_metrics(metrics_port, service.name)
+    start_metrics(metrics_port, service.name, settings.metrics_addr)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

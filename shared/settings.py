@@ -34,6 +34,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DOCKER_HOST", "BILLY_DOCKER_HOST"),
         description="Docker Engine endpoint; unset means the local socket.",
     )
+    work_signing_key: SecretStr | None = Field(
+        None,
+        description="Shared by admission and executors: admission signs work items with it "
+        "and executors refuse unsigned ones. Unset, executors trust the work stream.",
+    )
     registry: str | None = Field(
         None,
         description="Registry (host:port) that tool images are pushed to and pulled from.",
@@ -80,6 +85,9 @@ class Settings(BaseSettings):
         24 * 3600, gt=0, description="How long a request_id is remembered."
     )
 
+    metrics_addr: str = Field(
+        "127.0.0.1", description="Address the Prometheus endpoints listen on."
+    )
     admission_metrics_port: int = Field(0, description="Prometheus port; 0 disables.")
     executor_metrics_port: int = Field(0, description="Prometheus port; 0 disables.")
     artifacts_metrics_port: int = Field(0, description="Prometheus port; 0 disables.")

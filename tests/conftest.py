@@ -113,6 +113,7 @@ def settings(nats_server: NatsServer, executor_name: str, tmp_path_factory) -> S
         executor_ack_wait_s=10,
         executor_progress_interval_s=2,
         docker_retry_interval_s=0.5,
+        work_signing_key=uuid.uuid4().hex,
     )
 
 

@@ -38,7 +38,7 @@ from services.admission.validation import (
     decode_request,
     max_request_bytes,
 )
-from shared import jetstream, subjects, tracing
+from shared import jetstream, signing, subjects, tracing
 from shared.events import EventPublisher
 from shared.ledger import RunLedger, request_key
 from shared.logs import bind
@@ -396,6 +396,9 @@ class AdmissionService:
         headers = tracing.inject(
             {subjects.MSG_ID_HEADER: item.run_id, subjects.RUN_ID_HEADER: item.run_id}
         )
+        if self._settings.work_signing_key is not None:
+            key = self._settings.work_signing_key.get_secret_value()
+            headers[signing.SIGNATURE_HEADER] = signing.sign(key, payload)
         try:
             return await self._js.publish(
                 subjects.WORK_SUBJECT, payload, stream=subjects.WORK_STREAM, headers=headers

@@ -17,3 +17,6 @@ CONTAINER_START = Histogram(
 RUNNING_CONTAINERS = Gauge("executor_running_containers", "Runs in progress on this executor.")
 CAPACITY = Gauge("executor_capacity", "Runs this executor may have in progress at once.")
 DOCKER_UP = Gauge("executor_docker_up", "1 when the Docker daemon answers, else 0.")
+UNSIGNED_WORK_ITEMS = Counter(
+    "executor_unsigned_work_items_total", "Work items refused for a missing or bad signature."
+)

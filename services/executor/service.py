@@ -26,7 +26,7 @@ from services.executor.model import RunContext, RunOutcome, ToolRunner
 from services.executor.reporter import EventReporter
 from services.executor.result import Verdict, build_result, judge
 from services.executor.runner import DockerRunner
-from shared import jetstream, subjects, tracing
+from shared import jetstream, signing, subjects, tracing
 from shared.errors import LedgerError, WireError
 from shared.events import EventPublisher
 from shared.ledger import RunLedger
@@ -79,6 +79,13 @@ class ExecutorService:
         # Admission enforces the operator policy; the executor checks again so that a
         # work item published by anything else cannot widen what a container gets.
         self._policy = policy_of(self._settings)
+        if self._settings.work_signing_key is None:
+            logger.warning(
+                "work_items_unsigned executor=%s: anything that can publish to %s can run "
+                "containers here; set BILLY_WORK_SIGNING_KEY on admission and executors",
+                self.executor,
+                subjects.WORK_SUBJECT,
+            )
         self._nc = await jetstream.connect(self._settings, f"billy-executor-{self.executor}")
         js, buckets = await jetstream.declare(self._nc, self._settings)
         self._ledger = RunLedger(buckets.runs)
@@ -181,6 +188,13 @@ class ExecutorService:
     # One run
 
     async def _handle(self, msg: Msg) -> None:
+        if not self._signed(msg):
+            # Not from admission: neither run it nor let it write to the ledger.
+            run_id = (msg.headers or {}).get(subjects.RUN_ID_HEADER)
+            logger.error("work_item_unsigned run_id=%s executor=%s", run_id, self.executor)
+            metrics.UNSIGNED_WORK_ITEMS.inc()
+            await msg.term()
+            return
         try:
             item = decode(msg.data, WorkItem)
         except WireError as exc:
@@ -375,6 +389,13 @@ class ExecutorService:
             )
         log.info("run_recorded status=%s reason=%s", result.status, result.reason or "-")
         await msg.ack_sync()
+
+    def _signed(self, msg: Msg) -> bool:
+        key = self._settings.work_signing_key
+        if key is None:
+            return True
+        signature = (msg.headers or {}).get(signing.SIGNATURE_HEADER)
+        return signing.verify(key.get_secret_value(), msg.data, signature)
 
     async def _refuse_malformed(self, msg: Msg, error: WireError) -> None:
         run_id = (msg.headers or {}).get(subjects.RUN_ID_HEADER)

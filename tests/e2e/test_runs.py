@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.admission.limits import effective_limits
-from shared import subjects
+from shared import signing, subjects
 from shared.client import RunRejected
 from shared.wire import AdmissionReply, RequestedLimits, WorkItem, decode, encode
 from tests.conftest import collect_events, wait_for
@@ -182,7 +182,9 @@ async def test_malformed_request_is_answered_and_admission_keeps_serving(client)
     assert "still serving" in result.stdout
 
 
-async def test_forged_work_item_beyond_its_spec_is_refused_by_the_executor(client, catalog):
+async def test_signed_work_item_beyond_its_spec_is_refused_by_the_executor(
+    client, catalog, settings
+):
     spec = catalog.get("echo")
     limits = effective_limits(spec, None)
     limits.memory_bytes = spec.limits.memory_bytes * 16
@@ -197,8 +199,11 @@ async def test_forged_work_item_beyond_its_spec_is_refused_by_the_executor(clien
         limits=limits,
         queued_at=time.time(),
     )
-    # Published straight to the work stream, as something other than admission might.
-    await client.nc.jetstream().publish(subjects.WORK_SUBJECT, encode(item))
+    # Signed like admission would, so that only the executor's own checks stand in the way.
+    payload = encode(item)
+    key = settings.work_signing_key.get_secret_value()
+    headers = {signing.SIGNATURE_HEADER: signing.sign(key, payload)}
+    await client.nc.jetstream().publish(subjects.WORK_SUBJECT, payload, headers=headers)
 
     result = await client.result(run_id, timeout_s=RESULT_TIMEOUT_S)
 
@@ -237,3 +242,30 @@ async def test_spans_cover_the_whole_path_in_one_trace(client, spans):
         "billy.container.wait",
         "billy.artifact.store",
     } <= names()
+
+
+async def test_unsigned_work_item_is_never_run_nor_recorded(client, catalog, stack):
+    spec = catalog.get("shell")
+    run_id = uuid.uuid4().hex
+    item = WorkItem(
+        run_id=run_id,
+        request_id=f"unsigned-{run_id}",
+        tenant="default",
+        tool="shell",
+        spec={**spec.model_dump(mode="json"), "entrypoint": ["/bin/sh", "-c"]},
+        arguments={"script": "echo forged"},
+        limits=effective_limits(spec, None),
+        queued_at=time.time(),
+    )
+    js = client.nc.jetstream()
+    ack = await js.publish(subjects.WORK_SUBJECT, encode(item))
+
+    # The executor terminates the message: it leaves the work stream without a run.
+    async def consumed() -> bool:
+        info = await js.stream_info(subjects.WORK_STREAM)
+        return info.state.first_seq > ack.seq or info.state.messages == 0
+
+    await wait_for(consumed, timeout_s=30)
+    assert await client.get_run(run_id) is None
+    events = [e async for e in client.events(run_id, follow=False)]
+    assert events == []
