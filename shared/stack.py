@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from shared.client import BillyToolsClient
 from shared.errors import BillyToolsError
 from shared.service import ping_subject
 from shared.settings import REPO_ROOT, Settings
+from shared.signing import ensure_key_file
 
 logger = logging.getLogger(__name__)
 
@@ -236,12 +238,21 @@ EMBEDDED_METRICS_PORTS = {
 }
 
 
+def embedded_executor_name(settings: Settings) -> str:
+    """`<host>-<hash of the state dir>`: one name per embedded stack on a host."""
+    state = str(settings.state_dir.resolve()).encode()
+    return f"{socket.gethostname()}-{hashlib.sha256(state).hexdigest()[:8]}"
+
+
 def service_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a service process exactly these settings."""
     env = dict(os.environ)
     defaults = {
-        # A stable name lets the next executor remove what a crashed one left behind.
-        "executor_name": f"{socket.gethostname()}-embedded",
+        # Stable per state dir: the next executor of this stack removes what a crashed one
+        # left behind, and never what another stack's executor is running.
+        "executor_name": embedded_executor_name(settings),
+        # Admission signs work items and the executor refuses unsigned ones.
+        "work_signing_key": ensure_key_file(settings.state_dir / "work-signing.key"),
         **EMBEDDED_METRICS_PORTS,
     }
     for field in Settings.model_fields:
