@@ -27,6 +27,9 @@ MAX_ERROR_MESSAGE_CHARS = 200
 # Room in a request for request_id, tool, tenant, limits, input names and JSON punctuation.
 REQUEST_OVERHEAD_BYTES = 64 * 1024
 
+# argv elements are C strings: the kernel would end one at its first NUL.
+NUL_IN_ARGV = "contains a NUL character, which argv cannot carry"
+
 Segment = str | int
 Failure = tuple[tuple[Segment, ...], str]
 
@@ -154,6 +157,10 @@ class ArgumentValidator:
                             f"command placeholder {{{name}}} expands a list into argv; "
                             "its items cannot be objects or lists",
                         )
+                    elif _has_nul(item):
+                        yield (name, index), NUL_IN_ARGV
+            elif _has_nul(value):
+                yield (name,), NUL_IN_ARGV
 
 
 def check_inputs(inputs: list[InputFile], spec: ToolSpec) -> None:
@@ -172,6 +179,10 @@ def check_inputs(inputs: list[InputFile], spec: ToolSpec) -> None:
             f"{len(inputs)} input(s) hold {total_bytes} bytes; tool {spec.name} accepts at "
             f"most {allowed_bytes}",
         )
+
+
+def _has_nul(value: Any) -> bool:
+    return isinstance(value, str) and "\x00" in value
 
 
 def _failure_order(failure: Failure) -> tuple:

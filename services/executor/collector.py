@@ -4,7 +4,8 @@ workspace keeper, which still mounts the workspace).
 The archive endpoint's tar is streamed into a bounded temporary file and parsed there:
 nothing is extracted to disk, no name in it is used as a host path, and no link is
 followed. Each entry under out/ that matches the ToolSpec's artifact patterns is offered
-to the ArtifactSink, in archive order.
+to the ArtifactSink, in archive order. When the archive cap cut the archive, the sink hears
+of the entry cut inside (its header was read) and of the unknown entries after it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class Collected:
     offered: int = 0
     archive_bytes: int = 0
     truncated: bool = False
+    # The entry whose header was read but whose data the cut left out, if any.
+    cut_entry: OutputEntry | None = None
+    cut_entry_received_bytes: int = 0
 
 
 def archive_cap_bytes(context: RunContext) -> int:
@@ -68,12 +72,26 @@ async def collect_outputs(
         if collected.archive_bytes == 0:
             return collected
         tar = _open_archive(spool, collected, log)
-        if tar is None:
-            return collected
-        with tar:
-            await _offer_entries(tar, collected, context, sink, log)
+        if tar is not None:
+            with tar:
+                await _offer_entries(tar, collected, context, sink, log)
+    if collected.truncated:
+        await _offer_cut(collected, context, sink)
     await _finish_offers(sink, reporter)
     return collected
+
+
+async def _offer_cut(collected: Collected, context: RunContext, sink: ArtifactSink) -> None:
+    # Optional for a sink: ArtifactHandoff turns the cut into rejections, so that no
+    # output file is left out of the result without a word.
+    archive_cut = getattr(sink, "archive_cut", None)
+    if archive_cut is None:
+        return
+    entry = collected.cut_entry
+    matches = compile_patterns(context.spec.outputs.artifacts)
+    if entry is not None and (entry.kind != "file" or not matches(entry.path)):
+        entry = None
+    await archive_cut(entry, collected.archive_bytes, collected.cut_entry_received_bytes)
 
 
 async def _finish_offers(sink: ArtifactSink, reporter: RunReporter) -> None:
@@ -102,7 +120,7 @@ async def _offer_entries(
 ) -> None:
     matches = compile_patterns(context.spec.outputs.artifacts)
     artifact_bytes = context.limits.artifact_bytes
-    for entry, member in archive_entries(tar, collected.archive_bytes, log):
+    for entry, member in archive_entries(tar, collected.archive_bytes, log, collected):
         if entry.kind == "dir" or not matches(entry.path):
             continue
         await sink.offer(entry, _content(tar, member, artifact_bytes))
@@ -146,9 +164,12 @@ async def _spool(
 
 
 def archive_entries(
-    tar: tarfile.TarFile, received_bytes: int, log: RunLogger
+    tar: tarfile.TarFile, received_bytes: int, log: RunLogger, collected: Collected | None = None
 ) -> Iterator[tuple[OutputEntry, tarfile.TarInfo]]:
-    """The entries below out/ whose header and data were fully received, in archive order."""
+    """The entries below out/ whose header and data were fully received, in archive order.
+
+    The entry whose data was cut, if any, is noted in `collected`.
+    """
     while True:
         try:
             member = tar.next()
@@ -158,6 +179,9 @@ def archive_entries(
         if member is None:
             return
         if member.offset_data + _data_size(member) > received_bytes:
+            if collected is not None:
+                collected.cut_entry = output_entry(member)
+                collected.cut_entry_received_bytes = max(0, received_bytes - member.offset_data)
             return
         if member.name == ARCHIVE_ROOT:
             continue

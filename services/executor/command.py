@@ -51,6 +51,9 @@ def _scalar(name: str, value: Any) -> str:
     # bool before int: True is an int in Python, but "true" in JSON.
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, str) and "\x00" in value:
+        # Docker would fail to exec it, and the run would look like the tool's failure.
+        raise CommandError(name, "contains a NUL character, which argv cannot carry")
     if isinstance(value, str | int | float):
         return str(value)
     kind = _JSON_KINDS.get(type(value), type(value).__name__)

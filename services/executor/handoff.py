@@ -2,7 +2,9 @@
 service (bytes through the billy_staging object store, the decision by request/reply).
 
 Once the run has stored artifact_count artifacts, further entries are only counted; finish()
-reports them as one too_many rejection and one event instead of one request each.
+reports them as one too_many rejection and one event instead of one request each. Entries the
+archive cap left out are reported by finish() too (not_collected), unless their header
+already shows them over a limit: the artifacts service decides those, as for any other.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class ArtifactHandoff:
         self._index = 0
         self._not_collected = 0
         self._first_not_collected: str | None = None
+        # Rejections made here, not by the artifacts service, with their event's data.
+        self._left_out: list[tuple[ArtifactRejection, dict]] = []
         self.stored: list[ArtifactRef] = []
         self.rejected: list[ArtifactRejection] = []
         self.unavailable: str | None = None  # why the artifacts service could not be used
@@ -112,20 +116,42 @@ class ArtifactHandoff:
         elif verdict.rejection is not None:
             self.rejected.append(verdict.rejection)
 
+    async def archive_cut(
+        self, entry: OutputEntry | None, cut_at_bytes: int, received_bytes: int
+    ) -> None:
+        """Note that the output archive was cut at `cut_at_bytes`, inside `entry` if known."""
+        if entry is not None and not self._within_limits(entry):
+            # Its header is enough to refuse it: too_large, total_too_large or too_many.
+            await self.offer(entry, None)
+        elif entry is not None:
+            message = (
+                f"output archive cut at {cut_at_bytes} bytes, after {received_bytes} of this "
+                f"file's {entry.size_bytes} bytes"
+            )
+            data = {"path": entry.path, "kind": entry.kind, "size_bytes": entry.size_bytes}
+            self._left_out.append((ArtifactRejection(entry.path, "not_collected", message), data))
+        # Nothing after the cut was read, not even whether there was anything: no path.
+        message = f"output archive cut at {cut_at_bytes} bytes; further entries not collected"
+        data = {"path": "", "cut_at_bytes": cut_at_bytes}
+        self._left_out.append((ArtifactRejection("", "not_collected", message), data))
+
     async def finish(self, reporter: RunReporter) -> None:
-        """Report the entries left out once artifact_count was reached: one rejection, one event."""
-        if not self._not_collected:
-            return
-        limit = self._limits.artifact_count
-        message = f"{self._not_collected} further output files not collected; the limit is {limit}"
-        first = self._first_not_collected or ""
-        self.rejected.append(ArtifactRejection(first, "too_many", message))
-        await reporter.event(
-            "artifact_rejected",
-            reason="too_many",
-            message=message,
-            data={"path": first, "not_collected": self._not_collected, "artifact_count": limit},
-        )
+        """Report what was left out, in archive order: past artifact_count, then by the cut."""
+        if self._not_collected:
+            limit = self._limits.artifact_count
+            message = (
+                f"{self._not_collected} further output files not collected; the limit is {limit}"
+            )
+            first = self._first_not_collected or ""
+            data = {"path": first, "not_collected": self._not_collected, "artifact_count": limit}
+            self._left_out.insert(0, (ArtifactRejection(first, "too_many", message), data))
+            self._not_collected = 0
+        for rejection, data in self._left_out:
+            self.rejected.append(rejection)
+            await reporter.event(
+                "artifact_rejected", reason=rejection.reason, message=rejection.message, data=data
+            )
+        self._left_out.clear()
 
     async def _discard(self, staged: str | None) -> None:
         if staged is None:

@@ -17,8 +17,9 @@ from services.executor.model import RunOutcome
 from shared.toolspec import ToolSpec
 from shared.wire import RunResult, WorkItem
 
-# Rejections that mean a limit was hit, as opposed to a file the tool should not make.
-LIMIT_REASONS = frozenset({"too_large", "too_many", "total_too_large"})
+# Rejections that mean a limit was hit, as opposed to a file the tool should not make;
+# not_collected: the output archive cap cut it.
+LIMIT_REASONS = frozenset({"too_large", "too_many", "total_too_large", "not_collected"})
 
 
 @dataclass
@@ -59,8 +60,14 @@ def judge(outcome: RunOutcome, spec: ToolSpec, handoff: ArtifactHandoff) -> Verd
         if required in stored:
             continue
         rejection = next((r for r in handoff.rejected if r.path == required), None)
+        if rejection is None:
+            # Perhaps beyond the archive cut: the one rejection without a path says so.
+            rejection = next((r for r in handoff.rejected if r.path == ""), None)
         if rejection is not None and rejection.reason in LIMIT_REASONS:
-            return Verdict("limit_exceeded", rejection.reason, rejection.message, output)
+            message = rejection.message
+            if rejection.path != required:
+                message = f"{required}: {message}"
+            return Verdict("limit_exceeded", rejection.reason, message, output)
         why = rejection.message if rejection else "the tool did not write it"
         return Verdict("failed", "missing_artifact", f"{required}: {why}", output)
     return Verdict("succeeded", None, None, output)

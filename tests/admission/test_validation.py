@@ -110,6 +110,22 @@ def test_placeholder_given_an_object_is_rejected():
     ]
 
 
+def test_nul_character_in_a_placeholder_string_or_list_item_is_rejected():
+    validator = ArgumentValidator(make_spec())
+    with pytest.raises(InvalidArguments) as caught:
+        validator.check({"text": "a\x00b", "words": ["ok", "c\x00", 3]})
+    nul = "contains a NUL character, which argv cannot carry"
+    assert [(e.path, e.message) for e in caught.value.errors] == [
+        ("/text", nul),
+        ("/words/1", nul),
+    ]
+
+
+def test_nul_character_in_an_argument_that_never_reaches_argv_passes():
+    # "items" is no command placeholder: the tool reads it from arguments.json.
+    ArgumentValidator(make_spec()).check({"text": "a", "items": [{"name": "x\x00y"}]})
+
+
 def test_valid_arguments_pass():
     ArgumentValidator(make_spec()).check(
         {"text": "hi", "count": 2, "when": "2024-05-01T10:00:00Z", "words": ["a", "b"]}

@@ -7,6 +7,7 @@ billy_artifacts object store is checked for what the run really left there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -204,15 +205,22 @@ for index in range(100_000):
     artifact_count = tool_limits(TOOL).artifact_count
     assert len(result.artifacts) == artifact_count
     assert all(ref.size_bytes == 0 for ref in result.artifacts)
-    # One rejection and one event stand for all the others, whatever their number.
-    [summary] = result.rejected_artifacts
+    # One rejection and one event stand for all the others, whatever their number: those
+    # read past the limit, and those past the archive cap (100000 headers exceed it).
+    [summary, after_cut] = result.rejected_artifacts
     assert summary.reason == "too_many"
     not_collected, limit = map(int, NOT_COLLECTED.match(summary.message).groups())
     assert limit == artifact_count
     assert not_collected > 10_000
-    [rejected_event] = [e for e in events if e.type == "artifact_rejected"]
-    assert rejected_event.reason == "too_many"
-    assert rejected_event.message == summary.message
+    assert (after_cut.path, after_cut.reason, after_cut.message) == (
+        "",
+        *after_the_cut(archive_cut_at(events)),
+    )
+    rejected_events = [e for e in events if e.type == "artifact_rejected"]
+    assert [(e.reason, e.message) for e in rejected_events] == [
+        ("too_many", summary.message),
+        ("not_collected", after_cut.message),
+    ]
     stored_events = [e for e in events if e.type == "artifact_stored"]
     assert len(stored_events) == artifact_count
 
@@ -279,3 +287,124 @@ print(json.dumps({
     fetched = await client.fetch_artifact(result.run_id, "bomb.tar.gz", tmp_path / "bomb.tar.gz")
     assert fetched.sha256 == written["bomb.tar.gz"]["sha256"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bomb.tar.gz"]
+
+
+async def test_hardlinked_file_is_stored_once_under_its_first_name_whichever_came_first(
+    client, docker, marker, service_logs
+):
+    # Docker's archive lists names in order: the first name of the inode carries the data,
+    # every later name is a hardlink entry pointing at it, whichever the tool created first.
+    code = """
+open("m-data.txt", "w").write("payload")
+os.link("m-data.txt", "a-link")
+os.link("m-data.txt", "z-link")
+print(json.dumps({"inode_names": os.stat("a-link").st_nlink}))
+"""
+    result, events = await run_outputs(client, docker, marker, code, service_logs)
+
+    assert json.loads(result.stdout) == {"inode_names": 3}
+    assert stored_paths(result) == ["a-link", "ok.txt"]
+    [data] = [ref for ref in result.artifacts if ref.path == "a-link"]
+    assert (data.size_bytes, data.sha256) == (7, hashlib.sha256(b"payload").hexdigest())
+    linked = ("not_a_regular_file", "hardlink -> a-link is not a regular file")
+    assert rejections(result) == {"m-data.txt": linked, "z-link": linked}
+    # The refused names carried no bytes: the one with the data was stored.
+    rejected_sizes = {
+        e.data["path"]: e.data["size_bytes"] for e in events if e.type == "artifact_rejected"
+    }
+    assert rejected_sizes == {"m-data.txt": 0, "z-link": 0}
+
+
+def archive_cut_at(events) -> int:
+    """Where the collector cut the output archive, from the run's one limit_hit event."""
+    [cut] = [e for e in events if e.type == "limit_hit" and e.reason == "artifacts_total_bytes"]
+    return cut.data["limit_bytes"]
+
+
+def after_the_cut(cut_at_bytes: int) -> tuple[str, str]:
+    return (
+        "not_collected",
+        f"output archive cut at {cut_at_bytes} bytes; further entries not collected",
+    )
+
+
+async def test_file_bigger_than_the_run_total_is_rejected_as_too_large_not_dropped(
+    client, docker, marker, service_logs
+):
+    # The user's report: one file past the archive cap gave a run with no word about it.
+    limits = tool_limits(TOOL)
+    size_mib = limits.artifacts_total_bytes // 2**20 + 8
+    code = f"# {marker}\ndd if=/dev/zero of=$BILLY_OUTPUT_DIR/big bs=1M count={size_mib}"
+    result, events = await run_hostile(client, code, language="sh")
+
+    assert result.status == "succeeded", (result.reason, result.message, result.stderr)
+    assert_nothing_leaks(result, events, service_logs.records)
+    cut_at_bytes = archive_cut_at(events)
+    assert limits.artifacts_total_bytes < cut_at_bytes < size_mib * 2**20
+    assert result.artifacts == []
+    assert rejections(result) == {
+        "big": (
+            "too_large",
+            f"{size_mib * 2**20} bytes exceeds the limit of {limits.artifact_bytes} per file",
+        ),
+        "": after_the_cut(cut_at_bytes),
+    }
+    assert await bucket_objects(client, subjects.STAGING_BUCKET, result.run_id) == {}
+    await assert_host_unaffected(client, docker, result, marker)
+
+
+async def test_file_cut_by_the_archive_cap_over_the_run_total_is_rejected_as_total_too_large(
+    client, docker, marker, service_logs
+):
+    third_mib = tool_limits(TOOL).artifacts_total_bytes // 2**20 // 3 + 2
+    code = f"""
+for name in ("a.bin", "b.bin", "c.bin"):
+    with open(name, "wb") as output:
+        output.truncate({third_mib} << 20)
+"""
+    result, events = await run_outputs(client, docker, marker, code, service_logs)
+
+    cut_at_bytes = archive_cut_at(events)
+    size_bytes = third_mib << 20
+    assert stored_paths(result) == ["a.bin", "b.bin"]
+    total_bytes = tool_limits(TOOL).artifacts_total_bytes
+    assert rejections(result) == {
+        "c.bin": (
+            "total_too_large",
+            f"{2 * size_bytes} + {size_bytes} bytes exceeds the run's limit of {total_bytes}",
+        ),
+        # ok.txt comes after c.bin in the archive: the summary stands for it.
+        "": after_the_cut(cut_at_bytes),
+    }
+
+
+async def test_file_within_the_limits_but_cut_by_the_archive_cap_is_reported_not_collected(
+    client, docker, marker, service_logs
+):
+    # A rejected file still fills the archive: the next one crosses the cap although it
+    # would fit the run's total.
+    limits = tool_limits(TOOL)
+    big_bytes = limits.artifact_bytes + 4 * 2**20
+    cut_bytes = limits.artifacts_total_bytes - big_bytes + 4 * 2**20
+    assert cut_bytes <= limits.artifact_bytes
+    code = f"""
+for name, size in (("a-big.bin", {big_bytes}), ("b-cut.bin", {cut_bytes})):
+    with open(name, "wb") as output:
+        output.truncate(size)
+"""
+    result, events = await run_outputs(client, docker, marker, code, service_logs)
+
+    cut_at_bytes = archive_cut_at(events)
+    assert result.artifacts == []
+    found = rejections(result)
+    assert found.pop("a-big.bin")[0] == "too_large"
+    reason, message = found.pop("b-cut.bin")
+    assert reason == "not_collected"
+    received = re.fullmatch(
+        rf"output archive cut at {cut_at_bytes} bytes, after (\d+) of this file's "
+        rf"{cut_bytes} bytes",
+        message,
+    )
+    assert received is not None, message
+    assert 0 <= int(received.group(1)) < cut_bytes
+    assert found == {"": after_the_cut(cut_at_bytes)}

@@ -153,3 +153,24 @@ async def test_arguments_failing_the_schema_everywhere_report_each_path_with_cap
     assert reply.errors[0].message.endswith("…")
     assert len(encode(reply)) <= REPLY_MAX_BYTES
     await assert_admission_serves(client)
+
+
+async def test_nul_character_in_an_argv_argument_is_rejected_by_admission_not_blamed_on_the_tool(
+    client, marker, service_logs
+):
+    # The user's report: admitted, then "exec /sbin/docker-init: invalid argument" as the
+    # tool's own failure. argv cannot carry a NUL, so no run must start.
+    request_id = f"adv-{uuid.uuid4().hex}"
+    arguments = {"language": "python", "code": f"print('{marker}')\x00print('after')"}
+
+    async with nothing_admitted(client, request_id, marker, service_logs):
+        with pytest.raises(RunRejected) as rejected:
+            await client.submit(TOOL, arguments, request_id=request_id)
+
+    reply = rejected.value.reply
+    assert (reply.status, reply.reason) == ("rejected", "invalid_arguments")
+    assert [(error.path, error.message) for error in reply.errors] == [
+        ("/code", "contains a NUL character, which argv cannot carry"),
+    ]
+    assert reply.run_id is None
+    await assert_admission_serves(client)

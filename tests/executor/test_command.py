@@ -60,3 +60,10 @@ def test_entrypoint_is_expanded_and_none_keeps_the_image_entrypoint(make_spec):
     assert argv.command == ["fast", "run"]
 
     assert build_argv(make_spec(["run"]), {}).entrypoint is None
+
+
+@pytest.mark.parametrize("value", ["print(1)\x00", ["ok", "\x00"]])
+def test_string_with_a_nul_character_is_refused_since_argv_cannot_carry_it(value):
+    with pytest.raises(CommandError, match="argument 'code': contains a NUL character") as caught:
+        expand(["python3", "-c", "{code}"], {"code": value})
+    assert caught.value.argument == "code"

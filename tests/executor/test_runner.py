@@ -15,7 +15,7 @@ import aiodocker
 import pytest
 from aiodocker.containers import DockerContainer
 
-from services.executor.collector import archive_entries, compile_patterns
+from services.executor.collector import Collected, archive_entries, compile_patterns
 from services.executor.image import pinned_reference
 from services.executor.runner import DockerRunner
 from shared.logs import bind
@@ -191,6 +191,19 @@ async def test_argument_that_cannot_be_an_argv_element_is_rejected_before_docker
 
     assert (outcome.status, outcome.reason) == ("rejected", "argument_not_allowed")
     assert "opts" in outcome.message
+    assert reporter.events == []
+
+
+async def test_argument_with_a_nul_character_is_rejected_before_docker(
+    runner, spec_for, make_context, reporter, sink
+):
+    # Admission refuses it too; a work item that carries one anyway never reaches Docker.
+    context = make_context(spec_for(["echo", "{text}"]), arguments={"text": "a\x00b"})
+
+    outcome = await runner.run(context, reporter, sink)
+
+    assert (outcome.status, outcome.reason) == ("rejected", "argument_not_allowed")
+    assert outcome.message == "argument 'text': contains a NUL character, which argv cannot carry"
     assert reporter.events == []
 
 
@@ -664,6 +677,22 @@ def test_entries_whose_data_was_not_fully_received_are_not_offered():
         second_data_end = second.offset_data + second.size
     assert _entries(io.BytesIO(buffer.getvalue()), second_data_end - 1) == ["first"]
     assert _entries(io.BytesIO(buffer.getvalue()), second_data_end) == ["first", "second"]
+
+
+def test_entry_cut_inside_its_data_is_noted_with_its_header_and_received_bytes():
+    buffer = _archive(("out/first", b"a" * 100), ("out/second", b"b" * 5000))
+    with tarfile.open(fileobj=io.BytesIO(buffer.getvalue())) as tar:
+        second_data_start = tar.getmember("out/second").offset_data
+    received = second_data_start + 1200
+    collected = Collected(archive_bytes=received, truncated=True)
+    log = bind(logging.getLogger(__name__))
+    with tarfile.open(fileobj=io.BytesIO(buffer.getvalue()[:received])) as tar:
+        offered = [entry.path for entry, _ in archive_entries(tar, received, log, collected)]
+
+    assert offered == ["first"]
+    assert collected.cut_entry is not None
+    assert (collected.cut_entry.path, collected.cut_entry.size_bytes) == ("second", 5000)
+    assert collected.cut_entry_received_bytes == 1200
 
 
 @pytest.mark.parametrize(
