@@ -10,25 +10,27 @@ import asyncio
 import json
 import logging
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
+from pydantic import ByteSize, TypeAdapter, ValidationError
 from rich.console import Console
-from rich.markup import escape
 
 from shared import render, stack, tracing
 from shared.client import (
     BillyToolsClient,
+    RunNotFound,
     RunRejected,
     SavedArtifacts,
     UnsafeArtifactPath,
+    checked_run_id,
     safe_artifact_path,
 )
 from shared.errors import BillyToolsError
 from shared.settings import Settings
-from shared.wire import RunResult, to_builtins
+from shared.wire import RequestedLimits, RunResult, to_builtins
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +39,18 @@ DEFAULT_OUT_DIR = Path("billy-artifacts")
 # After the result arrives, how long the event printer may take to show the last events.
 EVENTS_DRAIN_S = 2.0
 
+# Plain (click-style) help: typer's rich panels show every flag as taking a `<bool>`.
 app = typer.Typer(
     name="billy-tools",
     help="Run Billy's tools in hardened Docker containers, over NATS.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-artifacts_app = typer.Typer(help="Artifacts stored by a run.", no_args_is_help=True)
+artifacts_app = typer.Typer(
+    help="Artifacts stored by a run.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(artifacts_app, name="artifacts")
 
 console = Console()
@@ -82,7 +88,7 @@ def execute(work: Coroutine[Any, Any, int | None]) -> None:
     try:
         code = asyncio.run(work)
     except BillyToolsError as exc:
-        err_console.print(f"[red]error:[/] {escape(str(exc))}")
+        render.error(err_console, exc)
         raise typer.Exit(EXIT_FAILED) from None
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -98,10 +104,19 @@ def up(ctx: typer.Context) -> None:
     settings = settings_of(ctx)
 
     async def work() -> None:
-        with err_console.status("starting the stack"):
-            components = await stack.up(settings)
+        with err_console.status("starting the stack") as spinner:
+
+            def progress(step: str) -> None:
+                # Without a terminal the spinner shows nothing: say each step on a line.
+                if err_console.is_terminal:
+                    spinner.update(render.text(step))
+                else:
+                    err_console.print(render.text(step, "dim"))
+
+            components = await stack.up(settings, progress=progress)
         render.components(console, components, f"stack up ({settings.nats_url})")
-        console.print(f"[dim]logs in {stack.StackPaths(settings.state_dir).logs_dir}[/]")
+        logs_dir = stack.StackPaths(settings.state_dir).logs_dir
+        console.print(render.text(f"logs in {logs_dir}", "dim"))
 
     execute(work())
 
@@ -114,7 +129,8 @@ def down(ctx: typer.Context) -> None:
     async def work() -> None:
         stopped = await stack.down(settings)
         if not stopped:
-            console.print(f"nothing to stop (no pid files in {settings.state_dir / 'run'})")
+            run_dir = stack.StackPaths(settings.state_dir).run_dir
+            console.print(render.text(f"nothing to stop (no pid files in {run_dir})"))
             return
         render.components(console, stopped, "stack down")
 
@@ -196,20 +212,52 @@ def run(
     tool: Annotated[str, typer.Argument(help="Tool name (see `billy-tools tools`).")],
     arg: Annotated[
         list[str] | None,
-        typer.Option("--arg", "-a", help="key=value; the value is parsed as JSON when it can be."),
+        typer.Option(
+            "--arg",
+            "-a",
+            metavar="KEY=VALUE",
+            help="An argument; the value is parsed as JSON when it can be.",
+        ),
     ] = None,
     args_json: Annotated[
         str | None, typer.Option("--args-json", help="All arguments as a JSON object.")
     ] = None,
     input_file: Annotated[
         list[Path] | None,
-        typer.Option("--input", "-i", help="File placed at /workspace/in/<name>."),
+        typer.Option("--input", "-i", metavar="FILE", help="File placed at /workspace/in/<name>."),
     ] = None,
     tenant: Annotated[str, typer.Option(help="Tenant of the run.")] = "default",
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 600.0,
+    run_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--run-timeout",
+            metavar="SECONDS",
+            help="The run's own timeout (its container is killed after it); at most the "
+            "tool's limit, default the tool's.",
+        ),
+    ] = None,
+    memory: Annotated[
+        str | None,
+        typer.Option(
+            metavar="BYTES",
+            help="The run's memory limit, in bytes or with a unit (64MiB); at most the tool's.",
+        ),
+    ] = None,
+    cpus: Annotated[
+        float | None,
+        typer.Option(metavar="N", help="The run's CPU limit (0.5, 2); at most the tool's."),
+    ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            help="How long this command waits for the result; the run goes on after it gives "
+            "up (see --run-timeout).",
+        ),
+    ] = 600.0,
     out: Annotated[
         Path | None,
-        typer.Option(help="Where artifacts go; default ./billy-artifacts/<run_id>/."),
+        typer.Option(help="Directory for artifacts; default ./billy-artifacts/<run_id>/."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -218,10 +266,54 @@ def run(
     try:
         arguments = parse_arguments(arg or [], args_json)
         inputs = input_paths(input_file or [])
+        limits = requested_limits(run_timeout, memory, cpus)
+        check_out_dir(out or DEFAULT_OUT_DIR)
     except UsageError as exc:
-        err_console.print(f"[red]error:[/] {escape(str(exc))}")
+        render.error(err_console, exc)
         raise typer.Exit(EXIT_FAILED) from None
-    execute(run_tool(settings, tool, arguments, inputs, tenant, timeout, out, as_json=as_json))
+    options = RunOptions(tenant, limits, timeout, out, as_json)
+    execute(run_tool(settings, tool, arguments, inputs, options))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How `run` submits, waits and saves: everything but the tool, arguments and inputs."""
+
+    tenant: str = "default"
+    limits: RequestedLimits | None = None
+    timeout_s: float = 600.0
+    out_dir: Path | None = None
+    as_json: bool = False
+
+
+def requested_limits(
+    run_timeout_s: float | None, memory: str | None, cpus: float | None
+) -> RequestedLimits | None:
+    """The run's own limits from --run-timeout, --memory and --cpus (None when none given)."""
+    if run_timeout_s is None and memory is None and cpus is None:
+        return None
+    for option, value in (("--run-timeout", run_timeout_s), ("--cpus", cpus)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{option} must be above 0, not {value:g}")
+    memory_bytes = None
+    if memory is not None:
+        try:
+            memory_bytes = int(TypeAdapter(ByteSize).validate_python(memory))
+        except ValidationError as exc:
+            raise UsageError(f"--memory {memory!r} is not a size (bytes, or like 64MiB)") from exc
+        if memory_bytes <= 0:
+            raise UsageError(f"--memory must be above 0, not {memory!r}")
+    return RequestedLimits(timeout_s=run_timeout_s, memory_bytes=memory_bytes, cpus=cpus)
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Fail before submitting when artifacts could not be saved under out_dir."""
+    for path in (out_dir, *out_dir.absolute().parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "--out" if path == out_dir else f"--out {out_dir}: {path}"
+                raise UsageError(f"{what} is an existing file, not a directory")
+            return
 
 
 async def run_tool(
@@ -229,23 +321,23 @@ async def run_tool(
     tool: str,
     arguments: dict[str, Any],
     inputs: dict[str, Path],
-    tenant: str,
-    timeout_s: float,
-    out_dir: Path | None,
-    as_json: bool,
+    options: RunOptions,
 ) -> int:
     """Submit, follow, show the result, save artifacts; returns the exit code."""
+    as_json = options.as_json
     async with BillyToolsClient.connect(settings, "billy-tools-cli") as client:
         try:
-            reply = await client.submit(tool, arguments, inputs=inputs, tenant=tenant)
+            reply = await client.submit(
+                tool, arguments, inputs=inputs, tenant=options.tenant, limits=options.limits
+            )
         except RunRejected as exc:
             show_rejection(exc, as_json)
             return EXIT_REJECTED
         if not as_json:
-            console.print(f"run [bold]{reply.run_id}[/] queued [dim]trace_id {reply.trace_id}[/]")
-        result = await follow(client, reply.run_id, timeout_s, show_events=not as_json)
+            render.queued(console, reply.run_id, reply.trace_id)
+        result = await follow(client, reply.run_id, options.timeout_s, show_events=not as_json)
 
-        out_dir = out_dir or DEFAULT_OUT_DIR / result.run_id
+        out_dir = options.out_dir or DEFAULT_OUT_DIR / result.run_id
         saved = await client.save_artifacts(result.run_id, out_dir, result.artifacts)
     show_result(result, saved, as_json)
     if result.status == "rejected":
@@ -261,11 +353,11 @@ async def follow(
     if not show_events:
         return await client.result(run_id, timeout_s=timeout_s)
 
-    with err_console.status(f"run {run_id}: queued") as spinner:
+    with err_console.status(render.text(f"run {run_id}: queued")) as spinner:
 
         async def print_events() -> None:
             async for event in client.events(run_id):
-                spinner.update(f"run {run_id}: {event.type}")
+                spinner.update(render.text(f"run {run_id}: {event.type}"))
                 console.print(render.event_line(event))
 
         printer = asyncio.create_task(print_events())
@@ -315,9 +407,15 @@ def events(
     settings = settings_of(ctx)
 
     async def work() -> None:
+        if run_id is not None:
+            checked_run_id(run_id)
         async with BillyToolsClient.connect(settings, "billy-tools-cli") as client:
             if run_id is None:
-                console.print(f"[dim]following events of {tenant or 'all tenants'}; ^C stops[/]")
+                following = f"following events of {tenant or 'all tenants'}; ^C stops"
+                console.print(render.text(following, "dim"))
+            elif await client.get_run(run_id) is None:
+                # Events of a run that never existed would be awaited forever.
+                raise RunNotFound(run_id)
             async for event in client.events(run_id, tenant=tenant):
                 console.print(render.event_line(event, with_run_id=run_id is None))
 
@@ -334,6 +432,7 @@ def artifacts_list(
     settings = settings_of(ctx)
 
     async def work() -> None:
+        checked_run_id(run_id)
         async with BillyToolsClient.connect(settings, "billy-tools-cli") as client:
             refs = await client.artifacts(run_id)
         if as_json:
@@ -358,11 +457,11 @@ def artifacts_get(
     settings = settings_of(ctx)
 
     async def work() -> None:
+        checked_run_id(run_id)
         target = artifact_destination(run_id, path, dest)
         async with BillyToolsClient.connect(settings, "billy-tools-cli") as client:
             ref = await client.fetch_artifact(run_id, path, target)
-        size = render.size_text(ref.size_bytes)
-        console.print(f"saved {escape(path)} -> {target} ({size}, sha256 {ref.sha256})")
+        render.artifact_saved(console, path, target, ref)
 
     execute(work())
 
@@ -418,7 +517,7 @@ def images(ctx: typer.Context) -> None:
     try:
         from shared import images as images_module
     except ImportError as exc:
-        err_console.print(f"[red]error:[/] images commands are unavailable: {escape(str(exc))}")
+        render.error(err_console, f"images commands are unavailable: {exc}")
         raise typer.Exit(EXIT_FAILED) from None
     command = typer.main.get_command(images_module.app)
     command.main(args=ctx.args, prog_name="billy-tools images", standalone_mode=True)

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Generator, Mapping
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ _tracer = tracing.tracer(__name__)
 # Attempts per server when first connecting; afterwards the client reconnects forever.
 CONNECT_ATTEMPTS = 2
 DOWNLOAD_SUFFIX = ".part"
+# A run_id is one NATS subject token and one KV key: no '.', '*', '>', spaces or controls.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 class ClientError(BillyToolsError):
@@ -103,6 +106,21 @@ class RunNotFound(ClientError):
         self.run_id = run_id
 
 
+class InvalidRunId(ClientError):
+    """A run_id that could not be one: it would widen a subject filter or a ledger key."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(
+            f"run id {run_id!r} is not valid: 1 to 128 letters, digits, '_' or '-' "
+            f"(no '.', '*', '>' or spaces)"
+        )
+        self.run_id = run_id
+
+
+class ArtifactWriteError(ClientError):
+    """An artifact could not be written where it was meant to go."""
+
+
 class ResultTimeout(ClientError):
     """The run did not reach a terminal status in time."""
 
@@ -136,6 +154,13 @@ class UnsafeArtifactPath(ClientError):
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"refusing artifact path {path!r}: {reason}")
         self.path = path
+
+
+def checked_run_id(run_id: str) -> str:
+    """`run_id` itself; raises InvalidRunId when it is not a single NATS token."""
+    if not RUN_ID_PATTERN.fullmatch(run_id):
+        raise InvalidRunId(run_id)
+    return run_id
 
 
 def new_request_id() -> str:
@@ -356,7 +381,8 @@ class BillyToolsClient:
     ) -> EventStream:
         """Like `events`, but returns once the subscription is live on the server, so that
         nothing published afterwards can be missed."""
-        if run_id:
+        if run_id is not None:
+            checked_run_id(run_id)
             subject, deliver = subjects.run_events_filter(run_id), DeliverPolicy.ALL
         else:
             subject, deliver = subjects.tenant_events_filter(tenant), DeliverPolicy.NEW
@@ -373,10 +399,12 @@ class BillyToolsClient:
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         """The run's ledger record, or None when there is none."""
+        checked_run_id(run_id)
         return await RunLedger(await self._runs_bucket()).get(run_id)
 
     async def result(self, run_id: str, timeout_s: float | None = None) -> RunResult:
         """Wait for the run's terminal status (watching its ledger key) and return its result."""
+        checked_run_id(run_id)
         runs = await self._runs_bucket()
         watcher = await runs.watch(run_id)
         last_status: str | None = None
@@ -413,17 +441,22 @@ class BillyToolsClient:
             raise ArtifactNotFound(run_id, path, [r.path for r in refs])
         store = await self._artifacts_bucket(ref.bucket)
 
-        dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(dest.name + DOWNLOAD_SUFFIX)
         try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
             with partial.open("wb") as sink:
                 await store.get(ref.object, writeinto=sink)
             _verify_download(partial, ref)
             os.replace(partial, dest)
         except ObjectNotFoundError as exc:
             raise ArtifactNotFound(run_id, path, [r.path for r in refs]) from exc
+        except OSError as exc:
+            raise ArtifactWriteError(
+                f"cannot write artifact {path!r} to {dest}: {exc.strerror or exc}"
+            ) from exc
         finally:
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
         logger.info("artifact_fetched run_id=%s path=%s bytes=%d", run_id, path, ref.size_bytes)
         return ref
 
@@ -431,18 +464,18 @@ class BillyToolsClient:
         self, run_id: str, out_dir: Path, refs: list[ArtifactRef] | None = None
     ) -> SavedArtifacts:
         """Fetch the run's artifacts under out_dir; a path that would escape it is refused
-        (never written) and reported, the others are saved."""
+        (never written), one that cannot be written is skipped; both are reported."""
         report = SavedArtifacts()
         for ref in await self.artifacts(run_id) if refs is None else refs:
             try:
                 target = safe_artifact_path(out_dir, ref.path)
-            except UnsafeArtifactPath as exc:
+                await self.fetch_artifact(run_id, ref.path, target)
+            except (UnsafeArtifactPath, ArtifactWriteError) as exc:
                 logger.warning(
                     "artifact_refused run_id=%s path=%r reason=%s", run_id, ref.path, exc
                 )
                 report.refused.append((ref, str(exc)))
                 continue
-            await self.fetch_artifact(run_id, ref.path, target)
             report.saved.append((ref, target))
         return report
 

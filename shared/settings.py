@@ -68,6 +68,13 @@ class Settings(BaseSettings):
         description="Deliveries of one work item before the run ends in infra_error.",
     )
     executor_ack_wait_s: float = Field(30.0, gt=0, description="JetStream ack wait.")
+    executor_drain_s: float = Field(
+        5.0,
+        ge=0,
+        description="On stop, how long runs in progress may finish before they are cancelled "
+        "(containers removed, work items left unacked for redelivery); fits in the 10 s "
+        "that `billy-tools down` waits before SIGKILL.",
+    )
     executor_progress_interval_s: float = Field(
         10.0, gt=0, description="How often a running run tells JetStream it is in progress."
     )

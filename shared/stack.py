@@ -4,25 +4,31 @@ services as detached processes on this machine, kept under settings.state_dir.
     state_dir/nats/nats.conf, state_dir/nats/js/   the server's config and store
     state_dir/logs/<component>.log                  each process's output
     state_dir/run/<component>.pid                   what `up` started, for `down`
+    state_dir/stack.lock                            held while `up` or `down` runs
 
 `up` reuses whatever already answers (a NATS server at NATS_URL, a service answering its
-ping), so that running it twice is harmless; `down` stops only what has a pid file.
+ping), so that running it twice is harmless; `down` stops what has a pid file. A state dir
+owns one nats-server (one JetStream store): `up` never starts a second one on it, and refuses
+a NATS_URL naming another port than the one its server listens on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -59,6 +65,21 @@ class StackError(BillyToolsError):
     """The embedded stack could not be started or stopped; the message names the log."""
 
 
+class NatsOnOtherPort(StackError):
+    """The state dir's nats-server listens elsewhere than NATS_URL asks."""
+
+    def __init__(self, paths: StackPaths, pid: int, ports: set[int], host: str, port: int):
+        where = f"port {min(ports)}" if ports else "an unknown port"
+        asked = f"{host}:{port}"
+        use = f"NATS_URL=nats://127.0.0.1:{min(ports)}" if ports else "its NATS_URL"
+        super().__init__(
+            f"the nats-server of {paths.state_dir} (pid {pid}) listens on {where}, not {asked}: "
+            f"use {use}, or run `billy-tools down` first"
+        )
+        self.pid = pid
+        self.ports = ports
+
+
 @dataclass
 class Component:
     """One process of the stack and what `up`, `down` or `status` found or did."""
@@ -74,6 +95,18 @@ class StackPaths:
     """Where the embedded stack keeps config, store, logs and pid files."""
 
     state_dir: Path
+
+    def __post_init__(self) -> None:
+        # Processes start in the repo root: a relative path would name another directory.
+        object.__setattr__(self, "state_dir", self.state_dir.resolve())
+
+    @property
+    def nats_config(self) -> Path:
+        return self.nats_dir / "nats.conf"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.state_dir / "stack.lock"
 
     @property
     def nats_dir(self) -> Path:
@@ -101,51 +134,109 @@ class StackPaths:
 # -- up ---------------------------------------------------------------------------------
 
 
-async def up(settings: Settings, timeout_s: float = SERVICE_START_TIMEOUT_S) -> list[Component]:
-    """Start nats-server (unless one answers) and the three services (unless they answer)."""
+Progress = Callable[[str], None]
+
+
+def no_progress(step: str) -> None:
+    """The default progress callback: say nothing."""
+
+
+async def up(
+    settings: Settings,
+    timeout_s: float = SERVICE_START_TIMEOUT_S,
+    progress: Progress = no_progress,
+) -> list[Component]:
+    """Start nats-server (unless one answers) and the three services (unless they answer);
+    `progress` hears each step that may take a while."""
     paths = StackPaths(settings.state_dir)
     paths.make()
-    components = [await ensure_nats(settings, paths)]
+    with stack_lock(paths):
+        components = [await ensure_nats(settings, paths, progress)]
 
-    client = await BillyToolsClient.open(settings, "billy-tools-stack")
-    try:
-        # Admission declares the streams and buckets first, so that the others find them.
-        components.append(await ensure_service(client.nc, settings, paths, "admission", timeout_s))
-        components += await asyncio.gather(
-            *(ensure_service(client.nc, settings, paths, name, timeout_s) for name in SERVICES[1:])
-        )
-    finally:
-        await client.close()
+        client = await BillyToolsClient.open(settings, "billy-tools-stack")
+        try:
+            # Admission declares the streams and buckets first, so that the others find them.
+            components.append(
+                await ensure_service(client.nc, settings, paths, "admission", timeout_s, progress)
+            )
+            components += await asyncio.gather(
+                *(
+                    ensure_service(client.nc, settings, paths, name, timeout_s, progress)
+                    for name in SERVICES[1:]
+                )
+            )
+        finally:
+            await client.close()
     return components
 
 
-async def ensure_nats(settings: Settings, paths: StackPaths) -> Component:
-    """Reuse the NATS server at settings.nats_url, or start a local one."""
+@contextlib.contextmanager
+def stack_lock(paths: StackPaths):
+    """Hold the state dir's lock: two `up`s at once could each start a nats-server."""
+    with paths.lock_file.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StackError(
+                f"another billy-tools up or down is running on {paths.state_dir} "
+                f"(it holds {paths.lock_file}); wait for it to end"
+            ) from None
+        yield
+
+
+async def ensure_nats(settings: Settings, paths: StackPaths, progress: Progress) -> Component:
+    """Reuse the state dir's own nats-server or one answering at settings.nats_url, else
+    start one; never a second server on the state dir's store."""
     host, port = nats_address(settings)
-    pid = live_pid(paths, NATS_SERVER)
+    pid = own_nats_pid(paths)
+    if pid is not None:
+        ports = nats_ports(paths, pid)
+        if host not in LOCAL_HOSTS or port not in ports:
+            raise NatsOnOtherPort(paths, pid, ports, host, port)
+        # An earlier `up` may have left it starting: wait for it rather than doubling it.
+        progress(f"waiting for nats-server (pid {pid}) on {host}:{port}")
+        await wait_for_nats(paths, host, port, pid, None)
+        return Component(NATS_SERVER, "reused", pid, f"{host}:{port}")
+
     if await nats_answers(host, port):
-        return Component(NATS_SERVER, "reused" if pid else "external", pid, f"{host}:{port}")
+        return Component(NATS_SERVER, "external", None, f"{host}:{port}")
     if host not in LOCAL_HOSTS:
         raise StackError(f"NATS at {host}:{port} does not answer and is not on this machine")
 
+    progress(f"starting nats-server on {host}:{port}")
     config = write_nats_config(paths, host, port)
     binary = shutil.which(NATS_SERVER) or f"/usr/sbin/{NATS_SERVER}"
     process = spawn(NATS_SERVER, [binary, "-c", str(config)], paths, dict(os.environ))
-    deadline = time.monotonic() + NATS_START_TIMEOUT_S
-    while not await nats_answers(host, port):
-        check_still_running(process, NATS_SERVER, paths)
-        if time.monotonic() > deadline:
-            raise StackError(
-                f"nats-server did not listen on {host}:{port} within "
-                f"{NATS_START_TIMEOUT_S:g} s; see {paths.log(NATS_SERVER)}"
-            )
-        await asyncio.sleep(PING_RETRY_S)
+    await wait_for_nats(paths, host, port, process.pid, process)
     logger.info("stack_nats_started pid=%d port=%d", process.pid, port)
     return Component(NATS_SERVER, "started", process.pid, f"{host}:{port}")
 
 
+async def wait_for_nats(
+    paths: StackPaths, host: str, port: int, pid: int, process: subprocess.Popen | None
+) -> None:
+    """Until nats-server greets at host:port; fails when it exits or stays silent too long."""
+    deadline = time.monotonic() + NATS_START_TIMEOUT_S
+    while not await nats_answers(host, port):
+        if process is not None:
+            check_still_running(process, NATS_SERVER, paths)
+        elif not is_component(pid, NATS_SERVER, paths):
+            raise StackError(f"nats-server (pid {pid}) exited; see {paths.log(NATS_SERVER)}")
+        if time.monotonic() > deadline:
+            raise StackError(
+                f"nats-server (pid {pid}) did not answer on {host}:{port} within "
+                f"{NATS_START_TIMEOUT_S:g} s; see {paths.log(NATS_SERVER)}"
+            )
+        await asyncio.sleep(PING_RETRY_S)
+
+
 async def ensure_service(
-    nc: NATS, settings: Settings, paths: StackPaths, name: str, timeout_s: float
+    nc: NATS,
+    settings: Settings,
+    paths: StackPaths,
+    name: str,
+    timeout_s: float,
+    progress: Progress = no_progress,
 ) -> Component:
     """Reuse a service that answers its ping, or start `python -m services.<name>`."""
     answer = await ping(nc, name)
@@ -160,6 +251,7 @@ async def ensure_service(
         argv = [sys.executable, "-m", f"services.{name}"]
         process = spawn(name, argv, paths, service_env(settings))
         pid = process.pid
+    progress(f"waiting for {name} (pid {pid}) to answer {ping_subject(name)}")
     answer = await wait_for_ping(nc, paths, name, pid, process, timeout_s)
     logger.info("stack_service_started service=%s pid=%d", name, pid)
     return Component(name, "started" if process else "reused", pid, answer.get("instance", ""))
@@ -178,7 +270,7 @@ async def wait_for_ping(
     while (answer := await ping(nc, name)) is None:
         if process is not None:
             check_still_running(process, name, paths)
-        elif not is_component(pid, name):
+        elif not is_component(pid, name, paths):
             raise StackError(f"{name} (pid {pid}) exited while starting; see {paths.log(name)}")
         if time.monotonic() > deadline:
             raise StackError(
@@ -220,7 +312,7 @@ def check_still_running(process: subprocess.Popen, name: str, paths: StackPaths)
 
 
 def write_nats_config(paths: StackPaths, host: str, port: int) -> Path:
-    config = paths.nats_dir / "nats.conf"
+    config = paths.nats_config
     store_dir = paths.nats_dir / "js"
     config.write_text(
         f'listen: "{host}:{port}"\n'
@@ -263,6 +355,9 @@ def service_env(settings: Settings) -> dict[str, str]:
             continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
+        if isinstance(value, Path):
+            # The service starts in the repo root, not in the caller's directory.
+            value = value.resolve()
         env[ENV_NAMES.get(field, f"BILLY_{field.upper()}")] = str(value)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
@@ -274,8 +369,14 @@ def service_env(settings: Settings) -> dict[str, str]:
 async def down(settings: Settings, grace_s: float = STOP_GRACE_S) -> list[Component]:
     """Stop what `up` started (services first, then nats-server): SIGTERM, then SIGKILL."""
     paths = StackPaths(settings.state_dir)
-    stopped = list(await asyncio.gather(*(stop(paths, name, grace_s) for name in SERVICES)))
-    stopped.append(await stop(paths, NATS_SERVER, grace_s))
+    if not paths.state_dir.is_dir():
+        return []
+    with stack_lock(paths):
+        stopped = list(await asyncio.gather(*(stop(paths, name, grace_s) for name in SERVICES)))
+        stopped.append(await stop(paths, NATS_SERVER, grace_s))
+        # A nats-server of this store whose pid file was lost or overwritten goes too.
+        for pid in nats_pids(paths):
+            stopped.append(await stop_process(paths, NATS_SERVER, pid, grace_s))
     return [component for component in stopped if component is not None]
 
 
@@ -284,10 +385,16 @@ async def stop(paths: StackPaths, name: str, grace_s: float) -> Component | None
     pid = read_pid(paths.pid_file(name))
     if pid is None:
         return None
-    if not is_component(pid, name):
+    if not is_component(pid, name, paths):
         paths.pid_file(name).unlink(missing_ok=True)
         return Component(name, "stale", pid, "pid file removed; process already gone")
+    component = await stop_process(paths, name, pid, grace_s)
+    paths.pid_file(name).unlink(missing_ok=True)
+    return component
 
+
+async def stop_process(paths: StackPaths, name: str, pid: int, grace_s: float) -> Component:
+    """SIGTERM, then SIGKILL to its process group after grace_s."""
     os.kill(pid, signal.SIGTERM)
     how = "SIGTERM"
     if not await wait_exit(pid, grace_s):
@@ -295,7 +402,6 @@ async def stop(paths: StackPaths, name: str, grace_s: float) -> Component | None
             os.killpg(pid, signal.SIGKILL)
         how = f"SIGKILL after {grace_s:g} s"
         await wait_exit(pid, grace_s)
-    paths.pid_file(name).unlink(missing_ok=True)
     logger.info("stack_stopped component=%s pid=%d how=%s", name, pid, how)
     return Component(name, "stopped", pid, how)
 
@@ -333,7 +439,14 @@ async def status(settings: Settings) -> list[Component]:
     """What runs: the NATS server and each service (pid file, ping answer)."""
     paths = StackPaths(settings.state_dir)
     host, port = nats_address(settings)
-    nats_pid = live_pid(paths, NATS_SERVER)
+    nats_pid = own_nats_pid(paths, adopt=False)
+    if nats_pid is not None:
+        ports = nats_ports(paths, nats_pid)
+        if host not in LOCAL_HOSTS or port not in ports:
+            on_port = f"listens on port {min(ports)}" if ports else "listens elsewhere"
+            detail = f"{on_port}, not on {host}:{port} (NATS_URL)"
+            services = [Component(name, "unknown", live_pid(paths, name)) for name in SERVICES]
+            return [Component(NATS_SERVER, "other port", nats_pid, detail), *services]
     if not await nats_answers(host, port):
         down_state = "not answering" if nats_pid else "stopped"
         services = [Component(name, "unknown", live_pid(paths, name)) for name in SERVICES]
@@ -403,23 +516,89 @@ def read_pid(pid_file: Path) -> int | None:
 def live_pid(paths: StackPaths, name: str) -> int | None:
     """The pid from the component's pid file when that process still runs."""
     pid = read_pid(paths.pid_file(name))
-    return pid if pid is not None and is_component(pid, name) else None
+    return pid if pid is not None and is_component(pid, name, paths) else None
 
 
-def is_component(pid: int, name: str) -> bool:
-    """True when `pid` is alive (not a zombie) and its command line is the component's,
-    so that a recycled pid is never signalled."""
+def own_nats_pid(paths: StackPaths, adopt: bool = True) -> int | None:
+    """The live nats-server of this state dir: its pid file's, else one found in /proc
+    (then, with adopt, written to the pid file so that `down` and `status` see it)."""
+    pid = live_pid(paths, NATS_SERVER)
+    if pid is not None:
+        return pid
+    found = nats_pids(paths)
+    if not found:
+        return None
+    if adopt:
+        logger.warning("stack_nats_adopted pid=%d state_dir=%s", found[0], paths.state_dir)
+        paths.pid_file(NATS_SERVER).write_text(f"{found[0]}\n")
+    return found[0]
+
+
+def nats_pids(paths: StackPaths) -> list[int]:
+    """Every live nats-server started with this state dir's config."""
+    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return sorted(pid for pid in pids if is_component(pid, NATS_SERVER, paths))
+
+
+def nats_ports(paths: StackPaths, pid: int) -> set[int]:
+    """The TCP ports nats-server `pid` listens on; while it starts, its config's port."""
+    ports = listening_ports(pid)
+    if ports:
+        return ports
+    try:
+        listen = re.search(r'listen: "[^"]*:(\d+)"', paths.nats_config.read_text())
+    except OSError:
+        return set()
+    return {int(listen.group(1))} if listen else set()
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports in LISTEN state whose socket process `pid` holds (from /proc)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # fields: sl, local_address, rem_address, st (0A is LISTEN), ..., inode (10th)
+            if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def command_line(pid: int) -> list[str] | None:
+    """The argv of a live process; None when it is gone or a zombie (then reaped)."""
     proc = Path(f"/proc/{pid}")
     try:
-        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
         state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
-        return False
+        return None
     if state == "Z":
         reap(pid)
+        return None
+    return [arg for arg in argv if arg]
+
+
+def is_component(pid: int, name: str, paths: StackPaths) -> bool:
+    """True when `pid` is alive (not a zombie) and its command line is the component's
+    (for nats-server: run with this state dir's config), so that a recycled pid is never
+    signalled."""
+    argv = command_line(pid)
+    if not argv:
         return False
-    marker = NATS_SERVER if name == NATS_SERVER else f"services.{name}"
-    return marker in cmdline
+    if name == NATS_SERVER:
+        return Path(argv[0]).name == NATS_SERVER and str(paths.nats_config) in argv
+    return f"services.{name}" in argv
 
 
 def log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> str:

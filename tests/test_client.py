@@ -17,6 +17,7 @@ from shared.client import (
     AdmissionUnavailable,
     ArtifactNotFound,
     BillyToolsClient,
+    InvalidRunId,
     NatsUnavailable,
     ResultTimeout,
     RunRejected,
@@ -313,6 +314,35 @@ async def test_save_artifacts_saves_safe_paths_and_refuses_escaping_ones(
     assert (out_dir / "a.txt").read_bytes() == b"alpha"
     assert [ref.path for ref, _ in saved.refused] == ["../escaped.txt"]
     assert not (tmp_path / "escaped.txt").exists()
+
+
+async def test_save_artifacts_into_an_existing_file_reports_it_instead_of_raising(
+    client, artifact_run, tmp_path
+):
+    not_a_dir = tmp_path / "taken"
+    not_a_dir.write_text("already here")
+
+    saved = await client.save_artifacts(artifact_run.run_id, not_a_dir)
+
+    assert saved.saved == []
+    assert sorted(ref.path for ref, _ in saved.refused) == ["a.txt", "sub/big.txt"]
+    assert all(f"cannot write artifact {ref.path!r}" in why for ref, why in saved.refused)
+    assert not_a_dir.read_text() == "already here"
+
+
+# -- run ids ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["a.b", "*", ">", "a b", "", "run\t1", "x" * 129])
+async def test_methods_taking_a_run_id_refuse_one_that_is_not_a_subject_token(client, bad):
+    with pytest.raises(InvalidRunId, match="is not valid"):
+        await client.get_run(bad)
+    with pytest.raises(InvalidRunId):
+        await client.result(bad, timeout_s=0.3)
+    with pytest.raises(InvalidRunId):
+        await client.artifacts(bad)
+    with pytest.raises(InvalidRunId):
+        await client.open_events(bad)
 
 
 # -- safe artifact paths (unit) ---------------------------------------------------------

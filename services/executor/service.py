@@ -48,7 +48,6 @@ logger = logging.getLogger(__name__)
 _tracer = tracing.tracer(__name__)
 
 FETCH_TIMEOUT_S = 1.0
-DRAIN_TIMEOUT_S = 60.0
 
 
 class ExecutorService:
@@ -100,19 +99,29 @@ class ExecutorService:
         self._loop_task = asyncio.create_task(self._fetch_loop(), name="executor-fetch")
 
     async def stop(self) -> None:
-        """Stop fetching, let runs in progress finish (up to a limit), then close."""
+        """Stop fetching; give runs in progress executor_drain_s to finish, then cancel
+        them (DockerRunner removes their containers and volume) and close."""
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
         if self._runs:
-            logger.info("executor_draining runs=%d executor=%s", len(self._runs), self.executor)
-            _, pending = await asyncio.wait(self._runs, timeout=DRAIN_TIMEOUT_S)
+            drain_s = self._settings.executor_drain_s
+            logger.info(
+                "executor_draining runs=%d drain_s=%g executor=%s",
+                len(self._runs),
+                drain_s,
+                self.executor,
+            )
+            _, pending = await asyncio.wait(self._runs, timeout=drain_s)
             # Cancelled runs are not acked: JetStream redelivers them to another replica.
             for task in pending:
                 task.cancel()
             if pending:
-                await asyncio.wait(pending, timeout=30)
+                logger.warning("executor_runs_cancelled runs=%d", len(pending))
+                # Removing a container and its volume takes about a second; `down` sends
+                # SIGKILL 10 s after SIGTERM, so cleanup gets what is left of that.
+                await asyncio.wait(pending, timeout=4.0)
         if self._nc is not None:
             # Every message taken has been acked or left for redelivery: nothing to drain,
             # and draining a pull subscription waits out its timeout.
@@ -225,7 +234,10 @@ class ExecutorService:
             try:
                 await self._execute(msg, item, log)
             except asyncio.CancelledError:
-                log.warning("run_interrupted; left for redelivery")
+                # Hand the run back now rather than after the ack wait.
+                log.warning("run_interrupted; handed back for redelivery")
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(msg.nak())
                 raise
             except Exception as exc:
                 log.exception("run_executor_error")
