@@ -21,11 +21,15 @@ class EventPublisher:
         self._js = js
         self._source = source
 
-    async def emit(self, event: RunEvent) -> None:
+    async def emit(self, event: RunEvent, msg_id: str | None = None) -> None:
+        """Publish `event`; a fixed `msg_id` makes publishing it again a no-op for the stream."""
         event.source = event.source or self._source
         # A retry after a lost ack carries the same message id, so the stream keeps one copy.
         headers = tracing.inject(
-            {subjects.RUN_ID_HEADER: event.run_id, subjects.MSG_ID_HEADER: uuid.uuid4().hex}
+            {
+                subjects.RUN_ID_HEADER: event.run_id,
+                subjects.MSG_ID_HEADER: msg_id or uuid.uuid4().hex,
+            }
         )
         subject = subjects.events_subject(event.tenant, event.run_id)
         payload = encode(event)

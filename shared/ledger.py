@@ -67,6 +67,9 @@ class RunLedger:
         for _ in range(10):
             record, revision = await self._get(result.run_id)
             if record is not None and record.status in TERMINAL_STATUSES:
+                if record.result == result:
+                    # Our own write, retried after its acknowledgement was lost.
+                    return True
                 logger.warning(
                     "ledger_already_terminal run_id=%s status=%s ignored=%s",
                     result.run_id,

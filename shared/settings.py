@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     )
     work_signing_key: SecretStr | None = Field(
         None,
+        min_length=32,
         description="Shared by admission and executors: admission signs work items with it "
         "and executors refuse unsigned ones. Unset, executors trust the work stream.",
     )

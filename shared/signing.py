@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 from pathlib import Path
 
@@ -30,12 +31,25 @@ def verify(key: str, payload: bytes, signature: str | None) -> bool:
     return hmac.compare_digest(sign(key, payload), signature)
 
 
+MIN_KEY_CHARS = 32
+
+
 def ensure_key_file(path: Path) -> str:
-    """The key stored at `path`, made (readable by its owner only) when absent."""
+    """The key stored at `path`, made when absent (created owner-only, in one step).
+
+    A key shorter than MIN_KEY_CHARS (an empty file left by a crash, say) is replaced:
+    an empty HMAC key would let anyone sign.
+    """
     if path.exists():
-        return path.read_text().strip()
+        key = path.read_text().strip()
+        if len(key) >= MIN_KEY_CHARS:
+            return key
+        path.unlink()
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_hex(32)
-    path.touch(mode=0o600)
-    path.write_text(key + "\n")
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(key + "\n")
+    os.replace(partial, path)
     return key

@@ -340,10 +340,11 @@ class AdmissionService:
             queued_at=time.time(),
             inputs=request.inputs,
         )
+        payload = await self._encoded(item, claim)
         if earlier is None:
             await self._record_run(item)
             await self._emit_queued(item)
-        await self._enqueue(item, claim)
+        await self._enqueue(item, payload, claim)
         return AdmissionReply(status="queued", run_id=claim.run_id, duplicate=not claim.ours)
 
     def _spec_of(self, tool: str) -> ToolSpec:
@@ -383,7 +384,9 @@ class AdmissionService:
                 return record
             await asyncio.sleep(CLAIM_POLL_S)
 
-    async def _enqueue(self, item: WorkItem, claim: Claim) -> PubAck:
+    async def _encoded(self, item: WorkItem, claim: Claim) -> bytes:
+        """The work item's payload; too large for the stream, the request is rejected
+        before anything of the run is recorded."""
         payload = encode(item)
         if len(payload) > jetstream.MAX_WORK_ITEM_BYTES:
             await self._claims.release(claim)
@@ -392,6 +395,9 @@ class AdmissionService:
                 f"work item is {len(payload)} bytes; the work stream takes at most "
                 f"{jetstream.MAX_WORK_ITEM_BYTES}",
             )
+        return payload
+
+    async def _enqueue(self, item: WorkItem, payload: bytes, claim: Claim) -> PubAck:
         # Nats-Msg-Id makes JetStream drop a second publish of the same run.
         headers = tracing.inject(
             {subjects.MSG_ID_HEADER: item.run_id, subjects.RUN_ID_HEADER: item.run_id}

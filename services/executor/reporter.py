@@ -53,6 +53,7 @@ class EventReporter:
         message: str | None = None,
         data: dict[str, Any] | None = None,
         status: str | None = None,
+        msg_id: str | None = None,
     ) -> None:
         self._observe(type, duration_ms)
         self._span(type, duration_ms, data)
@@ -66,7 +67,8 @@ class EventReporter:
                 status=status,
                 data=data or {},
                 **self._run,
-            )
+            ),
+            msg_id=msg_id,
         )
 
     def _span(self, type: EventType, duration_ms: float | None, data: dict | None) -> None:

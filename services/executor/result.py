@@ -15,7 +15,7 @@ import jsonschema
 from services.executor.handoff import ArtifactHandoff
 from services.executor.model import RunOutcome
 from shared.toolspec import ToolSpec
-from shared.wire import RunResult, WorkItem
+from shared.wire import RunResult, WorkItem, encode
 
 # Rejections that mean a limit was hit, as opposed to a file the tool should not make;
 # not_collected: the output archive cap cut it.
@@ -122,3 +122,28 @@ def _text(data: bytes, truncated: bool, total_bytes: int) -> str:
     if truncated:
         text += f"\n[billy: truncated after {len(data)} of {total_bytes} bytes]\n"
     return text
+
+
+def fit_result(result: RunResult, max_bytes: int) -> RunResult:
+    """The result cut down until it encodes within `max_bytes`.
+
+    A tool controls what its output encodes to (a control byte becomes six bytes of JSON),
+    and the result travels whole in the ledger and the finished event, both bounded by the
+    server's max_payload: halve the longer of stdout and stderr, then drop the parsed
+    output, until it fits.
+    """
+    for _ in range(64):
+        if len(encode(result)) <= max_bytes:
+            return result
+        longer = "stdout" if len(result.stdout) >= len(result.stderr) else "stderr"
+        text = getattr(result, longer)
+        if len(text) > 1024:
+            kept = len(text) // 2
+            setattr(result, longer, text[:kept] + f"\n[billy: cut to {kept} characters to fit]\n")
+            setattr(result, f"{longer}_truncated", True)
+        elif result.output is not None:
+            result.output = None
+            result.message = (result.message or "") + " (parsed output too large to keep)"
+        else:
+            break
+    return result

@@ -24,7 +24,7 @@ from services.executor import metrics
 from services.executor.handoff import ArtifactHandoff
 from services.executor.model import RunContext, RunOutcome, ToolRunner
 from services.executor.reporter import EventReporter
-from services.executor.result import Verdict, build_result, judge
+from services.executor.result import Verdict, build_result, fit_result, judge
 from services.executor.runner import DockerRunner
 from shared import jetstream, signing, subjects, tracing
 from shared.errors import LedgerError, WireError
@@ -181,6 +181,15 @@ class ExecutorService:
             self._runs.discard(finished)
             self._slots.release()
             metrics.RUNNING_CONTAINERS.set(len(self._runs))
+            if not finished.cancelled() and finished.exception() is not None:
+                # Even recording the failure failed: the item is redelivered after ack_wait.
+                run_id = (msg.headers or {}).get(subjects.RUN_ID_HEADER)
+                logger.error(
+                    "run_task_failed run_id=%s executor=%s error=%r",
+                    run_id,
+                    self.executor,
+                    finished.exception(),
+                )
 
         task.add_done_callback(done)
 
@@ -245,12 +254,19 @@ class ExecutorService:
                 await self._finish_without_outcome(msg, item, verdict, log)
 
     async def _execute(self, msg: Msg, item: WorkItem, log: RunLogger) -> None:
-        """One delivery of a run: claim it, check it, run it, record its result."""
+        """One delivery of a run: claim it, then run it and record its result."""
         started = time.time()
         attempt = msg.metadata.num_delivered or 1
         if not await self._claim_run(msg, item, attempt, log):
             return
+        # From here to the ack, JetStream hears that the run is being worked on.
+        async with _in_progress(msg, self._settings.executor_progress_interval_s):
+            await self._run_claimed(msg, item, attempt, started, log)
 
+    async def _run_claimed(
+        self, msg: Msg, item: WorkItem, attempt: int, started: float, log: RunLogger
+    ) -> None:
+        """Check the work item, run the tool, record its result."""
         queued_s = max(0.0, started - item.queued_at)
         metrics.QUEUE_WAIT.observe(queued_s)
         reporter = self._reporter(item, log)
@@ -272,8 +288,7 @@ class ExecutorService:
             tool=item.tool,
             limits=item.limits,
         )
-        async with _in_progress(msg, self._settings.executor_progress_interval_s):
-            outcome = await self._runner.run(self._context(item, spec), reporter, handoff)
+        outcome = await self._runner.run(self._context(item, spec), reporter, handoff)
 
         if (
             _docker_vanished_before_start(outcome)
@@ -311,7 +326,10 @@ class ExecutorService:
         record = await self._ledger.get(item.run_id)
         if record is not None and record.status in TERMINAL_STATUSES:
             log.info("run_already_finished status=%s; acking redelivery", record.status)
-            await msg.ack_sync()
+            if record.result is None or await self._publish_finished(
+                record.result, self._reporter(item, log), log
+            ):
+                await msg.ack_sync()
             return False
         if record is None:
             # Admission records a run before queueing it; never drop a run over a lost record.
@@ -386,11 +404,30 @@ class ExecutorService:
     async def _record(
         self, msg: Msg, result: RunResult, reporter: EventReporter, log: RunLogger, elapsed_s
     ) -> None:
-        """Ledger first, then the finished event, then the ack: a crash in between only
-        causes a redelivery, which finds the terminal status and acks."""
+        """Ledger first, then the finished event, then the ack.
+
+        A crash or a failed publish in between leaves the work item unacked; its
+        redelivery finds the terminal status and publishes `finished` again from the ledger
+        (the fixed message id keeps one copy in the stream).
+        """
+        result = fit_result(result, self._result_budget_bytes())
         if await self._ledger.finish(result):
             metrics.RUNS.labels(result.status).inc()
             metrics.RUN_DURATION.observe(elapsed_s)
+            final = result
+        else:
+            record = await self._ledger.get(result.run_id)
+            final = record.result if record is not None else None
+        if final is not None and not await self._publish_finished(final, reporter, log):
+            return
+        status = final.status if final is not None else "unknown"
+        log.info("run_recorded status=%s reason=%s", status, final.reason if final else "-")
+        await msg.ack_sync()
+
+    async def _publish_finished(
+        self, result: RunResult, reporter: EventReporter, log: RunLogger
+    ) -> bool:
+        try:
             await reporter.event(
                 "finished",
                 duration_ms=result.timings.total_ms,
@@ -398,9 +435,16 @@ class ExecutorService:
                 message=result.message,
                 status=result.status,
                 data={"result": to_builtins(result)},
+                msg_id=f"{result.run_id}.finished",
             )
-        log.info("run_recorded status=%s reason=%s", result.status, result.reason or "-")
-        await msg.ack_sync()
+        except Exception:
+            log.exception("finished_event_failed; work item left for redelivery")
+            return False
+        return True
+
+    def _result_budget_bytes(self) -> int:
+        # The result travels whole in the ledger record and in the finished event.
+        return max(64 * 1024, self._nc.max_payload - 64 * 1024)
 
     def _signed(self, msg: Msg) -> bool:
         key = self._settings.work_signing_key

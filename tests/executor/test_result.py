@@ -1,13 +1,13 @@
-"""The terminal verdict of a run whose required artifacts the archive cut left out."""
+"""The terminal verdict of a run, and its result fitted to the wire."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 from services.executor.model import RunOutcome
-from services.executor.result import judge
+from services.executor.result import fit_result, judge
 from shared.toolspec import ToolSpec
-from shared.wire import ArtifactRejection
+from shared.wire import ArtifactRejection, RunResult, encode
 
 CUT = "output archive cut at 34668544 bytes"
 
@@ -55,3 +55,31 @@ def test_required_artifact_not_written_without_a_cut_is_missing():
 
     assert (verdict.status, verdict.reason) == ("failed", "missing_artifact")
     assert verdict.message == "report.csv: the tool did not write it"
+
+
+def test_result_with_hostile_output_is_cut_to_fit_the_wire():
+    # Control bytes encode to six bytes each in JSON: 300 KiB of them is ~1.8 MB encoded.
+    result = RunResult(
+        run_id="r",
+        request_id="q",
+        tenant="t",
+        tool="x",
+        status="succeeded",
+        stdout="\x01" * 300_000,
+        stderr="ok",
+        output={"text": "\x02" * 100_000},
+    )
+    fitted = fit_result(result, 256 * 1024)
+
+    assert len(encode(fitted)) <= 256 * 1024
+    assert fitted.stdout_truncated
+    assert "cut to" in fitted.stdout
+    assert fitted.stderr == "ok"
+
+
+def test_result_that_fits_is_left_as_it_is():
+    result = RunResult(
+        run_id="r", request_id="q", tenant="t", tool="x", status="failed", stdout="hello"
+    )
+    assert fit_result(result, 64 * 1024) == result
+    assert not result.stdout_truncated

@@ -1,0 +1,23 @@
+"""Admission tests get a nats-server of their own: the session's whole-stack fixture runs
+an admission replica in the same queue group on the session's server, which would answer
+some of these tests' requests."""
+
+import pytest
+
+from tests.conftest import NatsServer
+
+
+@pytest.fixture(scope="package")
+def admission_nats(tmp_path_factory: pytest.TempPathFactory):
+    server = NatsServer(tmp_path_factory.mktemp("admission-nats"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="package")
+def settings(settings, admission_nats):
+    """The session's settings, pointed at the admission tests' own nats-server."""
+    return settings.model_copy(update={"nats_url": admission_nats.url})
