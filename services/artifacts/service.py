@@ -39,6 +39,8 @@ _tracer = tracing.tracer(__name__)
 
 # Ingests handled at once by one replica; each spools at most one artifact to disk.
 MAX_CONCURRENT_INGESTS = 8
+# Paths come from the tool: a log line shows at most this much of one.
+LOGGED_PATH_CHARS = 200
 
 
 class ArtifactsService:
@@ -97,18 +99,34 @@ class ArtifactsService:
                 "billy.artifact.path": ingest.path,
             },
         ):
-            verdict = await self._ingest(ingest)
+            try:
+                verdict = await self._ingest(ingest)
+            except Exception as exc:
+                # NATS failing under staging get, artifacts put or discard: the executor
+                # gets an answer now rather than waiting out its timeout.
+                verdict = await self._unavailable(ingest, exc)
         await self._reply(msg, verdict)
+
+    async def _unavailable(self, ingest: ArtifactIngest, exc: Exception) -> ArtifactVerdict:
+        _run_log(ingest).error(
+            "artifact_ingest_failed path=%r path_chars=%d error=%s: %s",
+            ingest.path[:LOGGED_PATH_CHARS],
+            len(ingest.path),
+            type(exc).__name__,
+            exc,
+        )
+        try:
+            await self._store.discard(ingest.staged)
+        except Exception as discard_exc:  # staged objects expire after an hour anyway
+            logger.warning("staged_discard_failed object=%s error=%s", ingest.staged, discard_exc)
+        metrics.ARTIFACTS_REJECTED.labels("artifacts_unavailable").inc()
+        message = f"artifacts service failed: {type(exc).__name__}: {exc}"
+        rejection = ArtifactRejection(ingest.path, "artifacts_unavailable", message)
+        return ArtifactVerdict(stored=False, rejection=rejection)
 
     async def _ingest(self, ingest: ArtifactIngest) -> ArtifactVerdict:
         assert self._store is not None
-        log = bind(
-            logger,
-            run_id=ingest.run_id,
-            tool=ingest.tool,
-            tenant=ingest.tenant,
-            trace_id=tracing.current_trace_id(),
-        )
+        log = _run_log(ingest)
         started = time.perf_counter()
 
         rejection = rejection_of(ingest)
@@ -122,7 +140,12 @@ class ArtifactsService:
         if rejection is not None:
             await self._store.discard(ingest.staged)
             metrics.ARTIFACTS_REJECTED.labels(rejection.reason).inc()
-            log.info("artifact_rejected path=%r reason=%s", ingest.path, rejection.reason)
+            log.info(
+                "artifact_rejected path=%r path_chars=%d reason=%s",
+                ingest.path[:LOGGED_PATH_CHARS],
+                len(ingest.path),
+                rejection.reason,
+            )
             await self._emit(ingest, "artifact_rejected", started, rejection=rejection)
             return ArtifactVerdict(stored=False, rejection=rejection)
 
@@ -137,7 +160,11 @@ class ArtifactsService:
             ref.sha256,
             elapsed_s * 1000,
         )
-        await self._emit(ingest, "artifact_stored", started, ref=ref)
+        try:
+            await self._emit(ingest, "artifact_stored", started, ref=ref)
+        except Exception as exc:
+            # The artifact is in the bucket: the run's result must still list it.
+            log.error("artifact_stored_not_reported path=%r error=%s", ref.path, exc)
         return ArtifactVerdict(stored=True, ref=ref)
 
     async def _emit(self, ingest: ArtifactIngest, type_, started: float, ref=None, rejection=None):
@@ -169,3 +196,13 @@ class ArtifactsService:
     async def _reply(self, msg: Msg, verdict: ArtifactVerdict) -> None:
         if msg.reply:
             await msg.respond(encode(verdict))
+
+
+def _run_log(ingest: ArtifactIngest):
+    return bind(
+        logger,
+        run_id=ingest.run_id,
+        tool=ingest.tool,
+        tenant=ingest.tenant,
+        trace_id=tracing.current_trace_id(),
+    )

@@ -3,6 +3,7 @@ way, with the bytes spooled through a temporary file so that memory stays bounde
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import tempfile
@@ -44,7 +45,8 @@ class ArtifactStore:
                 raise StagedObjectError(
                     staged, f"holds {size_bytes} bytes; {expected_bytes} were announced"
                 )
-            sha256 = _sha256_of(spool)
+            # Up to artifact_bytes of reading and hashing: not on the event loop.
+            sha256 = await asyncio.to_thread(_sha256_of, spool)
             spool.seek(0)
             name = object_name(run_id, path)
             await self._artifacts.put(

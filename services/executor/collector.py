@@ -10,6 +10,7 @@ of the entry cut inside (its header was read) and of the unknown entries after i
 
 from __future__ import annotations
 
+import asyncio
 import re
 import tarfile
 import tempfile
@@ -31,6 +32,10 @@ CHUNK_BYTES = 64 * 1024
 HEADER_ALLOWANCE_BYTES = 1024
 ARCHIVE_SLACK_BYTES = 1024 * 1024
 READ_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
+# Parsing a tool's archive of many small entries must not hold the event loop for long.
+YIELD_EVERY_ENTRIES = 1000
+# Names come from the tool: a log line shows at most this much of one.
+LOGGED_NAME_CHARS = 200
 
 
 @dataclass
@@ -120,7 +125,10 @@ async def _offer_entries(
 ) -> None:
     matches = compile_patterns(context.spec.outputs.artifacts)
     artifact_bytes = context.limits.artifact_bytes
-    for entry, member in archive_entries(tar, collected.archive_bytes, log, collected):
+    entries = archive_entries(tar, collected.archive_bytes, log, collected)
+    for count, (entry, member) in enumerate(entries, start=1):
+        if count % YIELD_EVERY_ENTRIES == 0:
+            await asyncio.sleep(0)
         if entry.kind == "dir" or not matches(entry.path):
             continue
         await sink.offer(entry, _content(tar, member, artifact_bytes))
@@ -176,6 +184,9 @@ def archive_entries(
         except (tarfile.TarError, EOFError) as exc:
             log.warning("output_archive_ended_early error=%s", exc)
             return
+        # TarFile keeps every header it read; a tool can write hundreds of thousands. Only
+        # extractfile() of a link and getmember() read that list, and neither is used here.
+        tar.members.clear()
         if member is None:
             return
         if member.offset_data + _data_size(member) > received_bytes:
@@ -187,7 +198,11 @@ def archive_entries(
             continue
         entry = output_entry(member)
         if entry is None:
-            log.warning("output_entry_skipped name=%r", member.name)
+            log.warning(
+                "output_entry_skipped name=%r name_chars=%d",
+                member.name[:LOGGED_NAME_CHARS],
+                len(member.name),
+            )
             continue
         yield entry, member
 

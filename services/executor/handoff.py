@@ -5,6 +5,8 @@ Once the run has stored artifact_count artifacts, further entries are only count
 reports them as one too_many rejection and one event instead of one request each. Entries the
 archive cap left out are reported by finish() too (not_collected), unless their header
 already shows them over a limit: the artifacts service decides those, as for any other.
+Once the artifacts service could not be used, further entries are only counted too, and
+finish() reports them as one artifacts_unavailable rejection.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.object_store import ObjectStore
 
+from services.artifacts.validation import MAX_PATH_CHARS
 from services.executor.errors import ExecutorError
 from services.executor.model import OutputEntry, RunReporter
 from shared import subjects, tracing
@@ -62,6 +65,8 @@ class ArtifactHandoff:
         self._index = 0
         self._not_collected = 0
         self._first_not_collected: str | None = None
+        self._not_offered = 0  # entries after the artifacts service became unavailable
+        self._first_not_offered: str | None = None
         # Rejections made here, not by the artifacts service, with their event's data.
         self._left_out: list[tuple[ArtifactRejection, dict]] = []
         self.stored: list[ArtifactRef] = []
@@ -74,11 +79,20 @@ class ArtifactHandoff:
 
     async def offer(self, entry: OutputEntry, content: IO[bytes] | None) -> None:
         index, self._index = self._index, self._index + 1
+        if self.unavailable:
+            # Each further entry would be staged and wait a full ingest timeout again.
+            self._not_offered += 1
+            self._first_not_offered = self._first_not_offered or entry.path[:MAX_PATH_CHARS]
+            return
         if len(self.stored) >= self._limits.artifact_count:
             # The run is full: a request per further entry would only flood the artifacts
             # service and the run's events with the same too_many answer.
             self._not_collected += 1
             self._first_not_collected = self._first_not_collected or entry.path
+            return
+        if len(entry.path) > MAX_PATH_CHARS:
+            # A PAX name can be megabytes: too large for a NATS message, refused here.
+            self._refuse_long_path(entry)
             return
         staged = None
         if content is not None and self._within_limits(entry):
@@ -115,6 +129,8 @@ class ArtifactHandoff:
             self.stored.append(verdict.ref)
         elif verdict.rejection is not None:
             self.rejected.append(verdict.rejection)
+            if verdict.rejection.reason == "artifacts_unavailable":
+                self.unavailable = verdict.rejection.message
 
     async def archive_cut(
         self, entry: OutputEntry | None, cut_at_bytes: int, received_bytes: int
@@ -146,12 +162,25 @@ class ArtifactHandoff:
             data = {"path": first, "not_collected": self._not_collected, "artifact_count": limit}
             self._left_out.insert(0, (ArtifactRejection(first, "too_many", message), data))
             self._not_collected = 0
+        if self._not_offered:
+            message = f"{self._not_offered} further output files not offered: {self.unavailable}"
+            first = self._first_not_offered or ""
+            data = {"path": first, "not_offered": self._not_offered}
+            rejection = ArtifactRejection(first, "artifacts_unavailable", message)
+            self._left_out.insert(0, (rejection, data))
+            self._not_offered = 0
         for rejection, data in self._left_out:
             self.rejected.append(rejection)
             await reporter.event(
                 "artifact_rejected", reason=rejection.reason, message=rejection.message, data=data
             )
         self._left_out.clear()
+
+    def _refuse_long_path(self, entry: OutputEntry) -> None:
+        path = entry.path[:MAX_PATH_CHARS]
+        message = f"path has {len(entry.path)} characters; the limit is {MAX_PATH_CHARS}"
+        data = {"path": path, "kind": entry.kind, "size_bytes": entry.size_bytes}
+        self._left_out.append((ArtifactRejection(path, "invalid_path", message), data))
 
     async def _discard(self, staged: str | None) -> None:
         if staged is None:
@@ -180,8 +209,14 @@ class ArtifactHandoff:
                 timeout=timeout_s,
                 headers=tracing.inject(),
             )
+            return decode(reply.data, ArtifactVerdict)
         except (NoRespondersError, NatsTimeoutError) as exc:
             raise ExecutorError(
                 f"artifacts service did not answer for {ingest.path!r} within {timeout_s:.0f} s"
             ) from exc
-        return decode(reply.data, ArtifactVerdict)
+        except Exception as exc:
+            # Connection closed, payload over max_payload, a reply we cannot read: the run
+            # still ends with a result, and the staged object is discarded.
+            raise ExecutorError(
+                f"artifacts request for {ingest.path!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc

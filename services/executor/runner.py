@@ -97,20 +97,32 @@ class DockerRunner:
         with docker_errors(f"list leftovers of executor {executor}"):
             containers = await self._docker.containers.list(all=True, filters={"label": labels})
             volumes = await self._docker.volumes.list(filters={"label": labels})
+        # One that cannot be removed now (409 removal in progress, 500) must not keep the
+        # executor from starting: it is logged and the next start tries again.
+        removed_containers = 0
         for container in containers:
-            await remove_container(self._docker, container.id)
+            removed_containers += await _removed(remove_container(self._docker, container.id))
         # Containers first: a volume in use cannot be removed.
-        volume_names = [volume["Name"] for volume in volumes.get("Volumes") or []]
-        for name in volume_names:
-            await remove_volume(self._docker, name)
-        removed = len(containers) + len(volume_names)
+        removed_volumes = 0
+        for volume in volumes.get("Volumes") or []:
+            removed_volumes += await _removed(remove_volume(self._docker, volume["Name"]))
         logger.info(
             "leftovers_removed executor=%s containers=%d volumes=%d",
             executor,
-            len(containers),
-            len(volume_names),
+            removed_containers,
+            removed_volumes,
         )
-        return removed
+        return removed_containers + removed_volumes
+
+
+async def _removed(removal: Coroutine[Any, Any, None]) -> int:
+    """1 when the removal succeeded, 0 (logged) when Docker refused it."""
+    try:
+        await removal
+    except InfraError as exc:
+        logger.warning("leftover_not_removed error=%s", exc)
+        return 0
+    return 1
 
 
 async def remove_container(docker: aiodocker.Docker, id_or_name: str) -> None:
@@ -376,16 +388,26 @@ class _Run:
         if self.name is None:
             return
         started = time.monotonic()
+        failures: list[str] = []
         try:
             async with asyncio.timeout(REMOVE_TIMEOUT_S):
                 # By name: a create cut short by cancellation may have left an unknown id.
-                await _both(
-                    remove_container(self.docker, self.name),
-                    remove_container(self.docker, keeper_name(self.name)),
-                )
-                await remove_volume(self.docker, self.name)
-        except (InfraError, TimeoutError) as exc:
-            self.log.error("run_cleanup_failed name=%s error=%s", self.name, exc)
+                try:
+                    await _both(
+                        remove_container(self.docker, self.name),
+                        remove_container(self.docker, keeper_name(self.name)),
+                    )
+                except InfraError as exc:
+                    failures.append(str(exc))
+                # Whatever happened to the containers: a volume left behind leaks too.
+                try:
+                    await remove_volume(self.docker, self.name)
+                except InfraError as exc:
+                    failures.append(str(exc))
+        except TimeoutError:
+            failures.append(f"removal took longer than {REMOVE_TIMEOUT_S:.0f} s")
+        if failures:
+            self.log.error("run_cleanup_failed name=%s error=%s", self.name, "; ".join(failures))
             return
         self.timings.remove_ms = _elapsed_ms(started)
         if self.container is None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import uuid
 
 import pytest
-from nats.js.errors import NotFoundError
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
+from services.artifacts import store as store_module
 from services.artifacts.service import ArtifactsService
 from shared import jetstream, subjects
 from shared.wire import (
@@ -139,3 +143,76 @@ async def test_malformed_ingest_gets_an_answer_and_the_service_keeps_serving(
     run_id = uuid.uuid4().hex
     await buckets.staging.put(f"{run_id}/0", b"ok")
     assert (await ingest(nc, make_ingest(run_id, size_bytes=2, staged=f"{run_id}/0"))).stored
+
+
+async def handled(service: ArtifactsService, nc, message: ArtifactIngest) -> ArtifactVerdict:
+    """The verdict of this replica itself (another may share the queue group in a session)."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        msg = Msg(nc, subject=subjects.ARTIFACT_INGEST_SUBJECT, reply=inbox, data=encode(message))
+        await service._handle(msg)
+        reply = await sub.next_msg(timeout=5)
+    finally:
+        await sub.unsubscribe()
+    return decode(reply.data, ArtifactVerdict)
+
+
+async def test_failing_artifacts_put_answers_unavailable_and_discards_the_staged_object(
+    artifacts_service, nats, monkeypatch
+):
+    nc, _, buckets = nats
+    run_id = uuid.uuid4().hex
+    await buckets.staging.put(f"{run_id}/0", b"data")
+
+    async def put_failing(*args, **kwargs):
+        raise ServiceUnavailableError()
+
+    monkeypatch.setattr(artifacts_service._store._artifacts, "put", put_failing)
+    message = make_ingest(run_id, size_bytes=4, staged=f"{run_id}/0")
+    verdict = await handled(artifacts_service, nc, message)
+
+    assert not verdict.stored
+    assert verdict.rejection.reason == "artifacts_unavailable"
+    assert "ServiceUnavailableError" in verdict.rejection.message
+    with pytest.raises(NotFoundError):
+        await buckets.staging.get_info(f"{run_id}/0")
+
+
+async def test_stored_artifact_whose_event_cannot_be_emitted_is_still_answered_stored(
+    artifacts_service, nats, monkeypatch
+):
+    nc, _, buckets = nats
+    run_id = uuid.uuid4().hex
+    await buckets.staging.put(f"{run_id}/0", b"data")
+
+    async def emit_failing(*args, **kwargs):
+        raise NatsTimeoutError()
+
+    monkeypatch.setattr(artifacts_service._events, "emit", emit_failing)
+    message = make_ingest(run_id, size_bytes=4, staged=f"{run_id}/0")
+    verdict = await handled(artifacts_service, nc, message)
+
+    assert verdict.stored
+    assert (await buckets.artifacts.get(verdict.ref.object)).data == b"data"
+
+
+async def test_sha256_is_computed_off_the_event_loop_thread(nats, monkeypatch):
+    _, _, buckets = nats
+    run_id = uuid.uuid4().hex
+    data = b"x" * 300_000
+    await buckets.staging.put(f"{run_id}/0", data)
+    hashing_threads = []
+    real_sha256_of = store_module._sha256_of
+
+    def recording_sha256_of(spool):
+        hashing_threads.append(threading.get_ident())
+        return real_sha256_of(spool)
+
+    monkeypatch.setattr(store_module, "_sha256_of", recording_sha256_of)
+    store = store_module.ArtifactStore(buckets.staging, buckets.artifacts)
+    ref = await store.promote(f"{run_id}/0", run_id, "big.bin", len(data))
+
+    assert ref.sha256 == hashlib.sha256(data).hexdigest()
+    assert len(hashing_threads) == 1
+    assert hashing_threads[0] != threading.get_ident()

@@ -15,7 +15,15 @@ import aiodocker
 import pytest
 from aiodocker.containers import DockerContainer
 
-from services.executor.collector import Collected, archive_entries, compile_patterns
+from services.executor import runner as runner_module
+from services.executor.collector import (
+    YIELD_EVERY_ENTRIES,
+    Collected,
+    _offer_entries,
+    archive_entries,
+    compile_patterns,
+)
+from services.executor.errors import InfraError
 from services.executor.image import pinned_reference
 from services.executor.runner import DockerRunner
 from shared.logs import bind
@@ -631,6 +639,47 @@ async def test_remove_leftovers_removes_only_this_executors_objects(
         await other.delete(force=True)
 
 
+async def test_remove_leftovers_goes_on_past_a_volume_docker_refuses_to_remove(
+    docker, runner, runner_executor
+):
+    mine = {"billy.managed": "true", "billy.executor": runner_executor}
+    in_use = f"{runner_executor}-in-use"
+    free = f"{runner_executor}-free"
+    await docker.volumes.create({"Name": in_use, "Labels": mine})
+    await docker.volumes.create({"Name": free, "Labels": mine})
+    # Not this executor's container: it keeps `in_use` mounted, so removing it answers 409.
+    holder = await docker.containers.create(
+        {"Image": BUSYBOX, "Cmd": ["true"], "HostConfig": {"Binds": [f"{in_use}:/data"]}}
+    )
+    try:
+        removed = await runner.remove_leftovers(runner_executor)
+        assert removed == 1
+        assert (await managed_leftovers(docker, runner_executor))["volumes"] == [in_use]
+    finally:
+        await holder.delete(force=True)
+        await aiodocker.volumes.DockerVolume(docker, in_use).delete()
+
+
+async def test_volume_is_removed_even_when_removing_a_container_fails(
+    runner, spec_for, make_context, reporter, sink, monkeypatch
+):
+    real_remove_container = runner_module.remove_container
+
+    async def remove_then_fail(docker, id_or_name):
+        # Docker removed it but the answer was an error (e.g. a 500 after a slow removal).
+        await real_remove_container(docker, id_or_name)
+        raise InfraError("docker_error", f"remove container {id_or_name}: Docker answered 500")
+
+    monkeypatch.setattr(runner_module, "remove_container", remove_then_fail)
+    context = make_context(spec_for(["true"]))
+
+    outcome = await runner.run(context, reporter, sink)
+
+    assert outcome.status == "succeeded"
+    assert "container_removed" not in reporter.types()
+    # The autouse no_leftovers fixture fails the test if the volume stayed.
+
+
 # --- collector on hand-made archives ----------------------------------------------------
 
 
@@ -693,6 +742,54 @@ def test_entry_cut_inside_its_data_is_noted_with_its_header_and_received_bytes()
     assert collected.cut_entry is not None
     assert (collected.cut_entry.path, collected.cut_entry.size_bytes) == ("second", 5000)
     assert collected.cut_entry_received_bytes == 1200
+
+
+def test_reading_entries_does_not_keep_every_header_in_memory():
+    buffer = _archive(*((f"out/f{i}", b"x") for i in range(500)))
+    log = bind(logging.getLogger(__name__))
+    with tarfile.open(fileobj=buffer, mode="r:") as tar:
+        most_kept = 0
+        for _ in archive_entries(tar, len(buffer.getvalue()), log):
+            most_kept = max(most_kept, len(tar.members))
+
+    assert most_kept <= 1
+
+
+async def test_offering_many_unmatched_entries_lets_other_tasks_run(make_spec, make_context, sink):
+    count = 3 * YIELD_EVERY_ENTRIES
+    buffer = _archive(*((f"out/f{i}.log", b"") for i in range(count)))
+    context = make_context(make_spec(["true"], outputs={"artifacts": ["*.txt"]}))
+    ticks = 0
+
+    async def tick():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    ticks_before = ticks
+    log = bind(logging.getLogger(__name__))
+    with tarfile.open(fileobj=buffer, mode="r:") as tar:
+        await _offer_entries(
+            tar, Collected(archive_bytes=len(buffer.getvalue())), context, sink, log
+        )
+    ticks_during = ticks - ticks_before
+    ticker.cancel()
+
+    assert sink.offers == []
+    assert ticks_during >= count // YIELD_EVERY_ENTRIES
+
+
+def test_skipped_entry_name_is_logged_cut_to_a_bounded_length(caplog):
+    name = "out/" + "a" * 5000 + "/../x"
+    with caplog.at_level(logging.WARNING):
+        assert _entries(_archive((name, b"1"))) == []
+
+    [record] = [r for r in caplog.records if "output_entry_skipped" in r.getMessage()]
+    assert len(record.getMessage()) < 400
+    assert f"name_chars={len(name)}" in record.getMessage()
 
 
 @pytest.mark.parametrize(
