@@ -60,7 +60,10 @@ class Settings(BaseSettings):
 
     executor_name: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
-        description="Stable name of this executor; labels the containers it creates.",
+        description="Labels the containers this executor creates; at start-up it removes "
+        "those an earlier process of the same name left. Must be unique among live "
+        "executors on one Docker host; the default (host and pid) is, but is not stable "
+        "across restarts: give replicas stable names (the embedded stack does).",
     )
     executor_concurrency: int = Field(2, ge=1, le=256, description="Containers at once.")
     executor_max_deliveries: int = Field(
