@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 _tracer = tracing.tracer(__name__)
 
 FETCH_TIMEOUT_S = 1.0
+# How long past its timeout and grace period a run may go before the executor stops it.
+WATCHDOG_MARGIN_S = 60.0
 
 
 class ExecutorService:
@@ -158,7 +160,9 @@ class ExecutorService:
         try:
             # Runs in progress hold the other slots; ask for as many runs as are free.
             batch = self._settings.executor_concurrency - len(self._runs)
-            msgs = await self._sub.fetch(max(1, batch), timeout=FETCH_TIMEOUT_S)
+            # nats-py's own timeout should end the fetch; the outer bound makes sure.
+            async with asyncio.timeout(FETCH_TIMEOUT_S + 10):
+                msgs = await self._sub.fetch(max(1, batch), timeout=FETCH_TIMEOUT_S)
         except (NatsTimeoutError, TimeoutError):
             # No work within the fetch timeout (nats-py raises either kind).
             self._slots.release()
@@ -288,7 +292,7 @@ class ExecutorService:
             tool=item.tool,
             limits=item.limits,
         )
-        outcome = await self._runner.run(self._context(item, spec), reporter, handoff)
+        outcome = await self._watched_run(item, spec, reporter, handoff, log)
 
         if (
             _docker_vanished_before_start(outcome)
@@ -313,6 +317,35 @@ class ExecutorService:
             finished_at=time.time(),
         )
         await self._record(msg, result, reporter, log, time.time() - started)
+
+    async def _watched_run(
+        self,
+        item: WorkItem,
+        spec: ToolSpec,
+        reporter: EventReporter,
+        handoff: ArtifactHandoff,
+        log: RunLogger,
+    ) -> RunOutcome:
+        """The runner's outcome, or infra_error if the run outlives every limit it has.
+
+        The runner enforces the tool's timeout itself; this bounds what it cannot: a
+        Docker call that never answers would otherwise hold an executor slot for good.
+        """
+        deadline_s = item.limits.timeout_s + item.limits.stop_grace_s + WATCHDOG_MARGIN_S
+        watchdog = asyncio.timeout(deadline_s)
+        try:
+            async with watchdog:
+                return await self._runner.run(self._context(item, spec), reporter, handoff)
+        except TimeoutError:
+            if not watchdog.expired():
+                raise
+        log.error("run_watchdog_expired deadline_s=%.0f", deadline_s)
+        return RunOutcome(
+            status="infra_error",
+            reason="run_watchdog",
+            message=f"run still in progress after {deadline_s:.0f} s "
+            f"(timeout {item.limits.timeout_s:g} s); stopped by the executor",
+        )
 
     async def _claim_run(self, msg: Msg, item: WorkItem, attempt: int, log: RunLogger) -> bool:
         """Move the run to running; False when this delivery has nothing (more) to run."""

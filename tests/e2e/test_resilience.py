@@ -11,10 +11,12 @@ import pytest
 
 from services.admission.service import AdmissionService
 from services.artifacts.service import ArtifactsService
+from services.executor import service as executor_service
 from services.executor.service import ExecutorService
 from shared import subjects
 from shared.client import BillyToolsClient
 from shared.settings import Settings
+from shared.wire import RequestedLimits
 from tests.conftest import (
     NatsServer,
     collect_events,
@@ -127,3 +129,40 @@ async def _result_after_reconnect(client: BillyToolsClient, run_id: str):
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.5)
+
+
+class NeverAnsweringRunner:
+    """A runner stuck in a call that never returns, as a hung Docker daemon would leave it."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+
+    async def run(self, context, reporter, sink):
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.cancelled.set()
+
+
+async def test_a_run_stuck_past_every_limit_is_stopped_by_the_watchdog(
+    private_nats, settings, catalog, monkeypatch
+):
+    monkeypatch.setattr(executor_service, "WATCHDOG_MARGIN_S", 0.5)
+    local = settings_for(private_nats, settings)
+    runner = NeverAnsweringRunner()
+    async with (
+        running(
+            ArtifactsService(local),
+            AdmissionService(local, catalog),
+            ExecutorService(local, runner=runner),
+        ),
+        BillyToolsClient.connect(local) as client,
+    ):
+        reply = await client.submit(
+            "echo", {"message": "stuck"}, limits=RequestedLimits(timeout_s=0.5)
+        )
+        result = await client.result(reply.run_id, timeout_s=30)
+
+    assert result.status == "infra_error"
+    assert result.reason == "run_watchdog"
+    assert runner.cancelled.is_set()
