@@ -86,14 +86,21 @@ class NatsServer:
                 self.process.wait()
 
 
-@pytest.fixture(scope="session")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path_factory.mktemp("nats"))
+@contextlib.contextmanager
+def running_nats(store_dir: Path) -> Iterator[NatsServer]:
+    """A nats-server storing under `store_dir`, stopped whatever happens."""
+    server = NatsServer(store_dir)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    with running_nats(tmp_path_factory.mktemp("nats")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ from tests.conftest import (
     NatsServer,
     free_port,
     managed_leftovers,
+    running_nats,
     whole_stack,
 )
 
@@ -42,12 +43,8 @@ RESULT_TIMEOUT_S = 60
 @pytest.fixture(scope="module")
 def client_nats(tmp_path_factory: pytest.TempPathFactory):
     """A nats-server of this module's own, so that no other test's services answer here."""
-    server = NatsServer(tmp_path_factory.mktemp("client-nats"))
-    server.start()
-    try:
+    with running_nats(tmp_path_factory.mktemp("client-nats")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

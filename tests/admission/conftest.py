@@ -4,17 +4,13 @@ some of these tests' requests."""
 
 import pytest
 
-from tests.conftest import NatsServer
+from tests.conftest import running_nats
 
 
 @pytest.fixture(scope="package")
 def admission_nats(tmp_path_factory: pytest.TempPathFactory):
-    server = NatsServer(tmp_path_factory.mktemp("admission-nats"))
-    server.start()
-    try:
+    with running_nats(tmp_path_factory.mktemp("admission-nats")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="package")

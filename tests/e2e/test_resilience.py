@@ -22,6 +22,7 @@ from tests.conftest import (
     collect_events,
     managed_leftovers,
     running,
+    running_nats,
     session_executor_name,
     wait_for,
 )
@@ -29,12 +30,8 @@ from tests.conftest import (
 
 @pytest.fixture
 def private_nats(tmp_path):
-    server = NatsServer(tmp_path)
-    server.start()
-    try:
+    with running_nats(tmp_path) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def settings_for(server: NatsServer, settings: Settings, **changes) -> Settings:
