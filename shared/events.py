@@ -9,9 +9,30 @@ from nats.js import JetStreamContext
 
 from shared import subjects, tracing
 from shared.retry import through_outages
-from shared.wire import RunEvent, encode
+from shared.wire import RunEvent, RunResult, encode, to_builtins
 
 logger = logging.getLogger(__name__)
+
+
+def finished_msg_id(run_id: str) -> str:
+    """The one message id of a run's finished event: publishing it again is a no-op."""
+    return f"{run_id}.finished"
+
+
+def finished_event(result: RunResult) -> RunEvent:
+    """The finished event of a run, carrying its whole result."""
+    return RunEvent(
+        run_id=result.run_id,
+        type="finished",
+        tenant=result.tenant,
+        tool=result.tool,
+        trace_id=result.trace_id,
+        duration_ms=result.timings.total_ms,
+        status=result.status,
+        reason=result.reason,
+        message=result.message,
+        data={"result": to_builtins(result)},
+    )
 
 
 class EventPublisher:

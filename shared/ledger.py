@@ -16,7 +16,7 @@ from nats.js.kv import KeyValue
 
 from shared.errors import LedgerError
 from shared.retry import through_outages
-from shared.wire import TERMINAL_STATUSES, RunRecord, RunResult, decode, encode
+from shared.wire import TERMINAL_STATUSES, RunRecord, RunResult, WorkItem, decode, encode
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,43 @@ logger = logging.getLogger(__name__)
 def request_key(tenant: str, request_id: str) -> str:
     """KV key of a tenant's request_id (request ids may hold characters keys may not)."""
     return hashlib.sha256(f"{tenant}\0{request_id}".encode()).hexdigest()
+
+
+def queued_record(item: WorkItem, trace_id: str | None) -> RunRecord:
+    """The ledger record of a run that has just been admitted."""
+    return RunRecord(
+        run_id=item.run_id,
+        request_id=item.request_id,
+        tenant=item.tenant,
+        tool=item.tool,
+        status="queued",
+        created_at=item.queued_at,
+        updated_at=time.time(),
+        trace_id=trace_id,
+    )
+
+
+def result_without_outcome(
+    item: WorkItem,
+    status: str,
+    reason: str,
+    message: str,
+    trace_id: str | None,
+    executor: str | None = None,
+) -> RunResult:
+    """The terminal result of a run that ended before its tool ran."""
+    return RunResult(
+        run_id=item.run_id,
+        request_id=item.request_id,
+        tenant=item.tenant,
+        tool=item.tool,
+        status=status,
+        reason=reason,
+        message=message,
+        executor=executor,
+        trace_id=trace_id,
+        finished_at=time.time(),
+    )
 
 
 class RunLedger:

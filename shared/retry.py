@@ -11,7 +11,7 @@ from nats import errors as nats_errors
 from nats.js import errors as js_errors
 from tenacity import (
     AsyncRetrying,
-    before_sleep_log,
+    RetryCallState,
     retry_if_exception_type,
     stop_after_delay,
     wait_exponential,
@@ -40,11 +40,20 @@ async def through_outages(
     operation: Callable[[], Awaitable[T]], what: str, budget_s: float = OUTAGE_BUDGET_S
 ) -> T:
     """Call `operation`, retrying transient NATS errors for up to `budget_s` seconds."""
+
+    def log_retry(state: RetryCallState) -> None:
+        logger.warning(
+            "nats_retry what=%s attempt=%d error=%r",
+            what,
+            state.attempt_number,
+            state.outcome.exception() if state.outcome else None,
+        )
+
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT_NATS_ERRORS),
         stop=stop_after_delay(budget_s),
         wait=wait_exponential(multiplier=0.1, max=2.0),
-        before_sleep=before_sleep_log(logger, logging.WARNING),
+        before_sleep=log_retry,
         reraise=True,
     )
     async for attempt in retrying:

@@ -39,9 +39,9 @@ from services.admission.validation import (
     max_request_bytes,
 )
 from shared import jetstream, signing, subjects, tracing
-from shared.events import EventPublisher
-from shared.ledger import RunLedger, request_key
-from shared.logs import bind
+from shared.events import EventPublisher, finished_event, finished_msg_id
+from shared.ledger import RunLedger, queued_record, request_key, result_without_outcome
+from shared.logs import RunLogger, bind
 from shared.operator_policy import OperatorPolicy, policy_of
 from shared.service import answer_pings
 from shared.settings import Settings
@@ -52,12 +52,10 @@ from shared.wire import (
     RunEvent,
     RunRecord,
     RunRequest,
-    RunResult,
     ToolList,
     ToolSummary,
     WorkItem,
     encode,
-    to_builtins,
 )
 
 logger = logging.getLogger(__name__)
@@ -410,7 +408,7 @@ class AdmissionService:
                 subjects.WORK_SUBJECT, payload, stream=subjects.WORK_STREAM, headers=headers
             )
         except NATS_FAILURES as exc:
-            logger.warning("enqueue_failed run_id=%s error=%r", item.run_id, exc)
+            _run_log(item).warning("enqueue_failed error=%r", exc)
             await self._abandon(item, f"stream {subjects.WORK_STREAM} did not take it: {exc!r}")
             await self._claims.release(claim)
             raise AdmissionUnavailable(
@@ -419,22 +417,12 @@ class AdmissionService:
             ) from exc
 
     async def _record_run(self, item: WorkItem) -> None:
-        now = time.time()
-        record = RunRecord(
-            run_id=item.run_id,
-            request_id=item.request_id,
-            tenant=item.tenant,
-            tool=item.tool,
-            status="queued",
-            created_at=now,
-            updated_at=now,
-            trace_id=tracing.current_trace_id(),
-        )
+        record = queued_record(item, tracing.current_trace_id())
         try:
             await self._ledger.create(record)
         except NATS_FAILURES as exc:
             # The claim stays: sending the request again finishes admitting this run.
-            logger.warning("ledger_create_failed run_id=%s error=%r", item.run_id, exc)
+            _run_log(item).warning("ledger_create_failed error=%r", exc)
             raise AdmissionUnavailable(
                 "ledger_unavailable",
                 f"run {item.run_id} is queued but its ledger record failed: {exc!r}; "
@@ -443,34 +431,15 @@ class AdmissionService:
 
     async def _abandon(self, item: WorkItem, why: str) -> None:
         """End a recorded run that never reached the queue, so it does not wait forever."""
-        result = RunResult(
-            run_id=item.run_id,
-            request_id=item.request_id,
-            tenant=item.tenant,
-            tool=item.tool,
-            status="infra_error",
-            reason="queue_unavailable",
-            message=why,
-            trace_id=tracing.current_trace_id(),
-            finished_at=time.time(),
+        result = result_without_outcome(
+            item, "infra_error", "queue_unavailable", why, tracing.current_trace_id()
         )
         try:
             if await self._ledger.finish(result):
-                await self._events.emit(
-                    RunEvent(
-                        run_id=item.run_id,
-                        type="finished",
-                        tenant=item.tenant,
-                        tool=item.tool,
-                        trace_id=result.trace_id,
-                        status="infra_error",
-                        reason="queue_unavailable",
-                        message=why,
-                        data={"result": to_builtins(result)},
-                    )
-                )
+                event = finished_event(result)
+                await self._events.emit(event, msg_id=finished_msg_id(result.run_id))
         except NATS_FAILURES as exc:
-            logger.warning("abandon_failed run_id=%s error=%r", item.run_id, exc)
+            _run_log(item).warning("abandon_failed error=%r", exc)
 
     async def _emit_queued(self, item: WorkItem) -> None:
         event = RunEvent(
@@ -486,7 +455,7 @@ class AdmissionService:
             await self._events.emit(event)
         except NATS_FAILURES as exc:
             # The run is admitted; its executor's events still tell the rest of its story.
-            logger.warning("queued_event_failed run_id=%s error=%r", item.run_id, exc)
+            _run_log(item).warning("queued_event_failed error=%r", exc)
 
     async def _respond(self, msg: Msg, payload: bytes) -> None:
         try:
@@ -511,3 +480,14 @@ class AdmissionService:
         # Never the arguments or the message: both may quote the client's data.
         decision = "duplicate" if reply.duplicate else reply.status
         log.info("admission_%s reason=%s elapsed_ms=%.1f", decision, reason, elapsed_s * 1000)
+
+
+def _run_log(item: WorkItem) -> RunLogger:
+    """The module logger with the run's context on every line."""
+    return bind(
+        logger,
+        run_id=item.run_id,
+        tool=item.tool,
+        tenant=item.tenant,
+        trace_id=tracing.current_trace_id(),
+    )

@@ -23,6 +23,7 @@ from services.artifacts.validation import MAX_PATH_CHARS
 from services.executor.errors import ExecutorError
 from services.executor.model import OutputEntry, RunReporter
 from shared import subjects, tracing
+from shared.logs import bind
 from shared.wire import (
     ArtifactIngest,
     ArtifactLimits,
@@ -57,6 +58,7 @@ class ArtifactHandoff:
         self._nc = nc
         self._staging = staging
         self._run = {"run_id": run_id, "tenant": tenant, "tool": tool}
+        self._log = bind(logger, **self._run, trace_id=tracing.current_trace_id())
         self._limits = ArtifactLimits(
             artifact_bytes=limits.artifact_bytes,
             artifacts_total_bytes=limits.artifacts_total_bytes,
@@ -188,7 +190,7 @@ class ArtifactHandoff:
         try:
             await self._staging.delete(staged)
         except Exception as exc:  # best effort: staged objects expire after an hour anyway
-            logger.warning("staged_discard_failed object=%s error=%s", staged, exc)
+            self._log.warning("staged_discard_failed object=%s error=%s", staged, exc)
 
     def _within_limits(self, entry: OutputEntry) -> bool:
         # Only an early filter so that refused bytes are not moved; the artifacts

@@ -28,8 +28,8 @@ from services.executor.result import Verdict, build_result, fit_result, judge
 from services.executor.runner import DockerRunner
 from shared import jetstream, signing, subjects, tracing
 from shared.errors import LedgerError, WireError
-from shared.events import EventPublisher
-from shared.ledger import RunLedger
+from shared.events import EventPublisher, finished_msg_id
+from shared.ledger import RunLedger, queued_record, result_without_outcome
 from shared.logs import RunLogger, bind
 from shared.operator_policy import PolicyViolation, describe, policy_of
 from shared.service import answer_pings
@@ -37,7 +37,6 @@ from shared.settings import Settings
 from shared.toolspec import ToolSpec
 from shared.wire import (
     TERMINAL_STATUSES,
-    RunRecord,
     RunResult,
     WorkItem,
     decode,
@@ -367,7 +366,7 @@ class ExecutorService:
         if record is None:
             # Admission records a run before queueing it; never drop a run over a lost record.
             log.warning("run_record_missing; recreating it from the work item")
-            await self._ledger.create(_queued_record(item, tracing.current_trace_id()))
+            await self._ledger.create(queued_record(item, tracing.current_trace_id()))
 
         try:
             await self._ledger.mark_running(item.run_id, self.executor)
@@ -420,17 +419,13 @@ class ExecutorService:
     async def _finish_without_outcome(
         self, msg: Msg, item: WorkItem, verdict: Verdict, log: RunLogger
     ) -> None:
-        result = RunResult(
-            run_id=item.run_id,
-            request_id=item.request_id,
-            tenant=item.tenant,
-            tool=item.tool,
-            status=verdict.status,
-            reason=verdict.reason,
-            message=verdict.message,
+        result = result_without_outcome(
+            item,
+            verdict.status,
+            verdict.reason,
+            verdict.message,
+            tracing.current_trace_id(),
             executor=self.executor,
-            trace_id=tracing.current_trace_id(),
-            finished_at=time.time(),
         )
         await self._record(msg, result, self._reporter(item, log), log, 0.0)
 
@@ -468,7 +463,7 @@ class ExecutorService:
                 message=result.message,
                 status=result.status,
                 data={"result": to_builtins(result)},
-                msg_id=f"{result.run_id}.finished",
+                msg_id=finished_msg_id(result.run_id),
             )
         except Exception:
             log.exception("finished_event_failed; work item left for redelivery")
@@ -513,19 +508,6 @@ def limits_beyond_spec(item: WorkItem, spec: ToolSpec) -> list[PolicyViolation]:
         for name, cap in allowed.items()
         if getattr(item.limits, name) > cap
     ]
-
-
-def _queued_record(item: WorkItem, trace_id: str | None) -> RunRecord:
-    return RunRecord(
-        run_id=item.run_id,
-        request_id=item.request_id,
-        tenant=item.tenant,
-        tool=item.tool,
-        status="queued",
-        created_at=item.queued_at,
-        updated_at=time.time(),
-        trace_id=trace_id,
-    )
 
 
 def _docker_vanished_before_start(outcome: RunOutcome) -> bool:
